@@ -1,0 +1,113 @@
+"""torch Datasets over REFER samples: images resized to S×S with ImageNet normalisation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from crformer.data.image import load_image
+from crformer.data.refer import REFER, RefSample
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB image → normalised 3×S×S float tensor (bilinear resize; no flips: 'left' stays left)."""
+    arr = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return _normalise(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+def _normalise(u8: torch.Tensor) -> torch.Tensor:
+    return (u8.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool H×W → bool S×S (area-weighted, then ≥ 0.5), for training targets and the S×S protocol."""
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(m) >= 128
+
+
+class RefDataset(Dataset):
+    """Samples of one REFER split.
+
+    ``train=True``: one item per referred object; each epoch picks one of its sentences at random
+    (deterministically from ``(seed, epoch, index)``, so ``--resume`` sees the same data).
+    ``train=False``: one item per sentence (evaluation uses every sentence).
+
+    Items: ``{"image": 3×S×S float, "mask": S×S float {0,1}, "sentence": str, "index": int}``
+    where ``index`` points into :attr:`samples`.
+    """
+
+    def __init__(self, refer: REFER, split: str, image_size: int, train: bool, seed: int = 0,
+                 preload: bool = True):
+        self.refer = refer
+        self.samples: list[RefSample] = refer.samples(split)
+        self.size = image_size
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        groups: OrderedDict[int, list[int]] = OrderedDict()
+        for i, s in enumerate(self.samples):
+            groups.setdefault(s.ref_id, []).append(i)
+        self.items = list(groups.values()) if train else [[i] for i in range(len(self.samples))]
+        # Small datasets (the synthetic default) decode every image once; RefCOCO streams from disk.
+        self._images: dict[int, torch.Tensor] | None = {} if preload else None
+        self._masks: dict[int, np.ndarray] | None = {} if preload else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample_index(self, item: int) -> int:
+        choices = self.items[item]
+        if len(choices) == 1:
+            return choices[0]
+        rng = np.random.default_rng((self.seed, self.epoch, item))
+        return choices[int(rng.integers(len(choices)))]
+
+    def image(self, sample: RefSample) -> torch.Tensor:
+        if self._images is None:
+            return image_to_tensor(load_image(sample.image_path), self.size)
+        if sample.image_id not in self._images:
+            img = load_image(sample.image_path).resize((self.size, self.size), Image.BILINEAR)
+            self._images[sample.image_id] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _normalise(self._images[sample.image_id])
+
+    def target(self, sample: RefSample) -> np.ndarray:
+        if self._masks is not None and sample.ann_id in self._masks:
+            return self._masks[sample.ann_id]
+        m = resize_mask(self.refer.mask(sample), self.size)
+        if self._masks is not None:
+            self._masks[sample.ann_id] = m
+        return m
+
+    def __getitem__(self, item: int) -> dict:
+        idx = self.sample_index(item)
+        s = self.samples[idx]
+        return {"image": self.image(s), "mask": torch.from_numpy(self.target(s).astype(np.float32)),
+                "sentence": s.sentence, "index": idx}
+
+
+class Collate:
+    """Stacks items and tokenises their sentences: adds ``input_ids`` and ``attention_mask`` (B×L)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list) -> dict:
+        ids, mask = self.tokenizer([it["sentence"] for it in items])
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "index": torch.tensor([it["index"] for it in items]),
+            "sentence": [it["sentence"] for it in items],
+        }

@@ -1,0 +1,149 @@
+"""Inference and evaluation shared by train, evaluate and predict."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from crformer.data.dataset import Collate, RefDataset, resize_mask
+from crformer.data.image import load_image
+from crformer.distributed import all_reduce_sum
+from crformer.metrics import RISMetrics
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast: ``auto`` = on CUDA only, ``bf16`` = always, ``none`` = never."""
+    if amp not in ("auto", "bf16", "none"):
+        from crformer.errors import UserError
+
+        raise UserError(f"train.amp must be auto, bf16 or none; got {amp!r}")
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model, images, input_ids, attention_mask, amp: str = "auto") -> torch.Tensor:
+    """Mask logits B×(S/4)×(S/4) in fp32 for a batch (model in eval mode)."""
+    device = images.device
+    with autocast_context(device, amp):
+        return model(images, input_ids.to(device), attention_mask.to(device))["pred_masks"].float()
+
+
+def upsample_mask(logits: torch.Tensor, size: tuple) -> np.ndarray:
+    """h×w logits → bool H×W mask (bilinear on logits, then > 0 i.e. probability > 0.5)."""
+    up = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (up > 0).cpu().numpy()
+
+
+def _reduce(m: RISMetrics) -> RISMetrics:
+    return RISMetrics.from_state_tensor(all_reduce_sum(m.state_tensor()))
+
+
+def _partners(samples) -> dict:
+    """For the language check: each sample → the next sample of the same image about another object."""
+    by_image = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_image[s.image_id].append(i)
+    partner = {}
+    for idxs in by_image.values():
+        for k, i in enumerate(idxs):
+            for j in idxs[k + 1:] + idxs[:k]:
+                if samples[j].ann_id != samples[i].ann_id:
+                    partner[i] = j
+                    break
+    return partner
+
+
+@torch.no_grad()
+def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch.device,
+                   protocol: str = "original", language_check: bool = False, rank: int = 0, world: int = 1,
+                   save_vis: int = 0, vis_dir: str | None = None, progress: bool = False) -> dict:
+    """Metrics of ``model`` on ``split``; every rank evaluates a strided shard, counts are summed.
+
+    Returns ``{"overall": metrics, "by_kind": {kind: metrics}, "lavt": metrics (protocol lavt),
+    "language_check": {...} (when asked)}``; metrics as :meth:`RISMetrics.compute`.
+    """
+    size = cfg["data"]["image_size"]
+    amp = cfg["train"]["amp"]
+    ds = RefDataset(refer, split, size, train=False, preload=cfg["data"]["preload"])
+    shard = list(range(rank, len(ds), world))
+    loader = DataLoader(Subset(ds, shard), batch_size=cfg["eval"]["batch_size"], shuffle=False,
+                        collate_fn=Collate(tokenizer), num_workers=cfg["data"]["num_workers"])
+    partner = _partners(ds.samples) if language_check else {}
+    overall, lavt = RISMetrics(), RISMetrics()
+    kinds = sorted({s.kind for s in ds.samples if s.kind})
+    by_kind = {k: RISMetrics() for k in kinds}
+    follow, leave = RISMetrics(), RISMetrics()
+    was_training = model.training
+    model.eval()
+    vis_left = save_vis if rank == 0 else 0
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=f"eval {split}", leave=False)
+    for batch in loader:
+        images = batch["image"].to(device)
+        logits = predict_logits(model, images, batch["input_ids"], batch["attention_mask"], amp)
+        idx = batch["index"].tolist()
+        gts = [refer.mask(ds.samples[i]) for i in idx]
+        for b, i in enumerate(idx):
+            s, gt = ds.samples[i], gts[b]
+            pred = upsample_mask(logits[b], gt.shape)
+            iou = overall.update(pred, gt)
+            if s.kind in by_kind:
+                by_kind[s.kind].update(pred, gt)
+            if protocol == "lavt":
+                lavt.update(upsample_mask(logits[b], (size, size)), resize_mask(gt, size))
+            if vis_left > 0 and vis_dir:
+                from crformer.visualize import save_side_by_side
+
+                Path(vis_dir).mkdir(parents=True, exist_ok=True)
+                save_side_by_side(load_image(s.image_path), pred, gt, s.sentence,
+                                  str(Path(vis_dir) / f"{split}_{i:05d}.png"), iou)
+                vis_left -= 1
+        pairs = [(b, i, partner[i]) for b, i in enumerate(idx) if i in partner]
+        if pairs:
+            ids, am = tokenizer([ds.samples[j].sentence for _, _, j in pairs])
+            swapped = predict_logits(model, images[[b for b, _, _ in pairs]], ids, am, amp)
+            for k, (b, i, j) in enumerate(pairs):
+                pred = upsample_mask(swapped[k], gts[b].shape)
+                follow.update(pred, refer.mask(ds.samples[j]))
+                leave.update(pred, gts[b])
+    model.train(was_training)
+    out = {"overall": _reduce(overall).compute(), "by_kind": {k: _reduce(m).compute() for k, m in by_kind.items()}}
+    if protocol == "lavt":
+        out["lavt"] = _reduce(lavt).compute()
+    if language_check:
+        f, lv = _reduce(follow).compute(), _reduce(leave).compute()
+        out["language_check"] = {"new_target_mIoU": f["mIoU"], "old_target_mIoU": lv["mIoU"], "n": f["n"]}
+    return out
+
+
+def report_rows(results: dict) -> dict:
+    """Flatten ``{split: evaluate_split(...)}`` into table rows: split, split/kind, split (S×S)."""
+    rows = {}
+    for split, r in results.items():
+        rows[split] = r["overall"]
+        for kind, m in r["by_kind"].items():
+            if len(r["by_kind"]) > 1:
+                rows[f"{split}/{kind}"] = m
+        if "lavt" in r:
+            rows[f"{split} (S×S)"] = r["lavt"]
+    return rows
+
+
+def language_check_lines(results: dict) -> list:
+    lines = []
+    for split, r in results.items():
+        lc = r.get("language_check")
+        if lc:
+            lines.append(f"language check {split}: sentence swapped for another object's → IoU with the new "
+                         f"target {100 * lc['new_target_mIoU']:.2f}, with the old target {100 * lc['old_target_mIoU']:.2f} "
+                         f"(n={lc['n']})")
+    return lines

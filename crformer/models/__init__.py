@@ -1,0 +1,5 @@
+"""CRFormer model modules (DESIGN §2)."""
+
+from crformer.models.crformer import CRFormer, build_model
+
+__all__ = ["CRFormer", "build_model"]

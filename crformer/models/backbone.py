@@ -1,0 +1,96 @@
+"""Swin backbone run stage by stage with a Vision-Language Fusion module after every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from crformer.errors import UserError
+from crformer.models.layers import MultiHeadAttention
+
+
+class VisionLanguageFusion(nn.Module):
+    """VLF: every pixel attends over the words; the result is fused into the visual features.
+
+    ``x`` B×N×C pixel tokens, ``words`` B×L×C_l, ``mask`` B×L bool (True = valid token).
+    Returns ``(x_next, multimodal)``, both B×N×C: ``multimodal`` = proj(vis(x) ⊙ attn(x, words))
+    is kept for the decoder, and ``x_next = x + tanh-gate(multimodal) ⊙ multimodal`` feeds the
+    next stage. The gate's last layer starts at zero so training starts from the plain backbone.
+    """
+
+    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, backend: str = "auto"):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, backend=backend)
+        self.vis_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.fuse_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.gate = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Tanh())
+        nn.init.zeros_(self.gate[2].weight)
+        nn.init.zeros_(self.gate[2].bias)
+
+    def forward(self, x: torch.Tensor, words: torch.Tensor, mask: torch.Tensor):
+        lang = self.attn(self.norm(x), words, key_padding_mask=mask)
+        multimodal = self.fuse_proj(self.vis_proj(x) * lang)
+        return x + self.gate(multimodal) * multimodal, multimodal
+
+
+def load_backbone_weights(swin: nn.Module, path: str) -> None:
+    """Load a Swin checkpoint from a local file; timm's filter maps key names and resizes tables."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"backbone weights file not found: {p}")
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = checkpoint_filter_fn(state, swin)
+    missing, unexpected = swin.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("head", "norm."))]
+    if missing:
+        raise UserError(f"backbone weights {p} do not fit the configured Swin: {len(missing)} missing keys "
+                        f"(e.g. {missing[0]})")
+
+
+class SwinVLFEncoder(nn.Module):
+    """timm Swin + VLF after each stage.
+
+    ``forward(images B×3×S×S, words B×L×C_l, mask B×L)`` → list of four multimodal maps
+    B×C_i×(S/s_i)×(S/s_i) at strides 4, 8, 16, 32 (for patch size 4).
+    """
+
+    def __init__(self, cfg: dict, image_size: int, lang_dim: int, vlf_heads: int = 1, backend: str = "auto"):
+        super().__init__()
+        import timm
+
+        overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+                     if k not in ("name", "weights") and v is not None}
+        try:
+            self.swin = timm.create_model(cfg["name"], pretrained=False, img_size=image_size, num_classes=0,
+                                          **overrides)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"cannot build backbone {cfg['name']!r} with {overrides}: {e}") from e
+        if cfg.get("weights"):
+            load_backbone_weights(self.swin, cfg["weights"])
+        # The classification norm/head are unused; dropping them keeps DDP free of unused parameters.
+        self.swin.norm = nn.Identity()
+        self.swin.head = nn.Identity()
+        self.dims = [info["num_chs"] for info in self.swin.feature_info]
+        self.strides = [info["reduction"] for info in self.swin.feature_info]
+        self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, backend) for d in self.dims)
+        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in self.dims)
+
+    def forward(self, images: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> list:
+        x = self.swin.patch_embed(images)  # B×H×W×C (timm Swin is channels-last)
+        maps = []
+        for stage, vlf, norm in zip(self.swin.layers, self.vlf, self.out_norms):
+            x = stage(x)
+            B, H, W, C = x.shape
+            fused, multimodal = vlf(x.reshape(B, H * W, C), words, mask)
+            x = fused.view(B, H, W, C)
+            maps.append(norm(multimodal).view(B, H, W, C).permute(0, 3, 1, 2))
+        return maps

@@ -1,0 +1,108 @@
+"""Calibration Decoder: Mask2Former-style layers that re-inject the original language after
+every layer (DESIGN §2). Each sublayer is a small post-norm residual class."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from crformer.models.layers import FFN, MultiHeadAttention
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
+        query = q if query_pos is None else q + query_pos
+        key = memory if key_pos is None else memory + key_pos
+        return self.norm(q + self.attn(query, key, memory, key_padding_mask=key_padding_mask))
+
+
+class SelfAttentionLayer(nn.Module):
+    """Self-attention among the queries, B×M×D → B×M×D."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q, query_pos=None):
+        qk = q if query_pos is None else q + query_pos
+        return self.norm(q + self.attn(qk, qk, q))
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.ffn = FFN(dim, hidden)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q):
+        return self.norm(q + self.ffn(q))
+
+
+class CalibrationLayer(nn.Module):
+    """Re-injects the ORIGINAL language: the layer output attends over the word features
+    (B×L×D, key padding mask) and is fused back by residual + norm."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.ffn = FFNLayer(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q, words, mask):
+        return self.ffn(self.norm(q + self.attn(q, words, key_padding_mask=mask)))
+
+
+class CalibrationDecoderLayer(nn.Module):
+    """cross-attention (queries → pixels) → self-attention → FFN → calibration (optional)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.cross = CrossAttentionLayer(dim, num_heads, backend)
+        self.self_attn = SelfAttentionLayer(dim, num_heads, backend)
+        self.ffn = FFNLayer(dim, ffn_dim)
+        self.calibration = CalibrationLayer(dim, num_heads, backend) if calibration else None
+
+    def forward(self, q, memory, memory_pos, words, mask, query_pos=None):
+        q = self.cross(q, memory, query_pos=query_pos, key_pos=memory_pos)
+        q = self.self_attn(q, query_pos=query_pos)
+        q = self.ffn(q)
+        if self.calibration is not None:
+            q = self.calibration(q, words, mask)
+        return q
+
+
+class CalibrationDecoder(nn.Module):
+    """N_d layers cycling over the memories coarse → fine.
+
+    ``forward(q0 B×N_q×D, memories [B×N_i×D], memory_pos [N_i×D], words B×L×D, mask B×L)``
+    → list of the N_d layer outputs, each B×N_q×D.
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, num_queries: int,
+                 calibration: bool = True, backend: str = "auto", num_levels: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration, backend)
+                                    for _ in range(num_layers))
+        self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
+        self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
+        nn.init.normal_(self.query_pos, std=0.02)
+        nn.init.normal_(self.level_embed, std=0.02)
+
+    def forward(self, q, memories: list, memory_pos: list, words, mask) -> list:
+        outs = []
+        for j, layer in enumerate(self.layers):
+            lvl = j % len(memories)
+            pos = memory_pos[lvl] + self.level_embed[lvl]
+            q = layer(q, memories[lvl], pos, words, mask, query_pos=self.query_pos)
+            outs.append(q)
+        return outs

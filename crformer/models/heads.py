@@ -1,0 +1,51 @@
+"""Mask head (per-query masks merged by confidence) and the Language Reconstruction Module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from crformer.models.decoder import CrossAttentionLayer, FFNLayer
+
+
+def _mlp(din: int, hidden: int, dout: int, layers: int) -> nn.Sequential:
+    mods = []
+    for i in range(layers):
+        mods.append(nn.Linear(din if i == 0 else hidden, dout if i == layers - 1 else hidden))
+        if i < layers - 1:
+            mods.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*mods)
+
+
+class MaskHead(nn.Module):
+    """Per-query masks Q·F_pix merged into one mask with softmax-over-queries confidences.
+
+    ``forward(q B×N_q×D, pixel B×D×H×W, sentence B×D)`` → mask logits B×H×W.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mask_embed = _mlp(dim, dim, dim, 3)
+        self.confidence = _mlp(2 * dim, dim, 1, 2)
+
+    def forward(self, q: torch.Tensor, pixel: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        masks = torch.einsum("bqd,bdhw->bqhw", self.mask_embed(q), pixel)
+        ctx = sentence[:, None, :].expand_as(q)
+        weights = self.confidence(torch.cat([q, ctx], dim=-1)).squeeze(-1).softmax(dim=1)
+        return torch.einsum("bq,bqhw->bhw", weights, masks)
+
+
+class LanguageReconstructionModule(nn.Module):
+    """L learnable token slots attend to the final queries (attention + FFN) and are projected
+    back to the text encoder's width: ``forward(q B×N_q×D)`` → F̂_l B×L×C_l. Training only."""
+
+    def __init__(self, dim: int, lang_dim: int, max_tokens: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.attn = CrossAttentionLayer(dim, num_heads, backend)
+        self.ffn = FFNLayer(dim, 2 * dim)
+        self.out = nn.Linear(dim, lang_dim)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        slots = self.slots[None].expand(q.shape[0], -1, -1)
+        return self.out(self.ffn(self.attn(slots, q)))

@@ -1,0 +1,55 @@
+"""Mask loss (BCE + Dice, deep supervision) and the language reconstruction loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crformer.ops import masked_pool
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice on B×H×W logits vs {0,1} targets, averaged over the batch."""
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """BCE-with-logits + Dice; logits B×h×w are upsampled to the target's B×H×W first."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_weight * dice_loss(logits, target)
+
+
+def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                        sentence_weight: float = 0.0) -> torch.Tensor:
+    """Masked (1 − cosine) per valid token, averaged; plus ``sentence_weight`` × (1 − cosine) of the
+    masked-mean-pooled sentences. ``target`` (B×L×C_l) is detached: the loss trains the decoder to
+    keep the language, not the text encoder to be easy to reconstruct."""
+    target = target.detach().float()
+    rec = rec.float()
+    valid = mask.float()
+    per_token = 1 - F.cosine_similarity(rec, target, dim=-1)
+    loss = (per_token * valid).sum() / valid.sum().clamp_min(1)
+    if sentence_weight:
+        s_rec, s_tgt = masked_pool(rec, mask), masked_pool(target, mask)
+        has = mask.any(dim=1).float()
+        per_sent = 1 - F.cosine_similarity(s_rec, s_tgt, dim=-1)
+        loss = loss + sentence_weight * (per_sent * has).sum() / has.sum().clamp_min(1)
+    return loss
+
+
+def crformer_loss(outputs: dict, target: torch.Tensor, cfg: dict) -> dict:
+    """Total loss and its terms. ``target``: B×H×W float {0,1}. ``cfg``: the ``loss`` section."""
+    terms = {"mask": mask_loss(outputs["pred_masks"], target, cfg["dice_weight"])}
+    aux = outputs.get("aux_masks", [])
+    terms["aux"] = sum(mask_loss(a, target, cfg["dice_weight"]) for a in aux) if aux else target.new_zeros(())
+    total = terms["mask"] + cfg["aux_weight"] * terms["aux"]
+    if outputs.get("rec") is not None:
+        terms["rec"] = reconstruction_loss(outputs["rec"], outputs["lang"], outputs["lang_mask"],
+                                           cfg["rec_sentence_weight"])
+        total = total + cfg["rec_weight"] * terms["rec"]
+    terms["total"] = total
+    return terms

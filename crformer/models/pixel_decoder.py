@@ -1,0 +1,36 @@
+"""Light FPN over the four multimodal maps → decoder memories and the per-pixel embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(32 if cout % 32 == 0 else 1, cout),
+                         nn.ReLU(inplace=True))
+
+
+class PixelDecoder(nn.Module):
+    """``forward(maps)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) →
+    ``(memories, pixel_embedding)``: memories = [B×D×S/32², B×D×S/16², B×D×S/8²] (coarse first,
+    the order the decoder layers cycle through) and pixel_embedding B×D×(S/4)×(S/4)."""
+
+    def __init__(self, in_dims: list, dim: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(_conv_gn(c, dim, 1) for c in in_dims)
+        self.output = nn.ModuleList(_conv_gn(dim, dim, 3) for _ in in_dims)
+        self.pixel_proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, maps: list):
+        feats = [None] * len(maps)
+        top = None
+        for i in reversed(range(len(maps))):
+            lat = self.lateral[i](maps[i])
+            if top is not None:
+                lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+            top = lat
+            feats[i] = self.output[i](lat)
+        memories = [feats[3], feats[2], feats[1]]
+        return memories, self.pixel_proj(feats[0])

