@@ -59,10 +59,10 @@ def _extensions():
         return [], {}
 
     sources = ["csrc/module.cpp", "csrc/masked_pool_cpu.cpp"]
-    cxx = ["-O3"]
+    cxx = ["-O3", "-g0"]  # -g0: Python's CFLAGS add -g, which costs a third of the compile time
     if _build_cuda_wanted(torch):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHES)
-        sources.append("csrc/masked_pool_cuda.cu")
+        sources += ["csrc/masked_pool_cuda_host.cpp", "csrc/masked_pool_cuda.cu"]
         nvcc = ["-O3", "-DCRFORMER_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             "crformer._C", sources, extra_compile_args={"cxx": cxx + ["-DCRFORMER_WITH_CUDA"], "nvcc": nvcc})
@@ -72,6 +72,9 @@ def _extensions():
         ext = cpp_extension.CppExtension("crformer._C", sources, extra_compile_args={"cxx": cxx})
         _log("building crformer._C CPU-only (no nvcc / CUDA torch, or CRFORMER_BUILD_CUDA=0)")
     ext.depends = [str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h")]
+    # Find libc10/libtorch without `import torch` first (torch next to us, or the build's torch).
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    ext.extra_link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -46,11 +46,11 @@ DEFAULTS: dict[str, Any] = {
             "weights": None,           # local checkpoint file (timm's filter maps key names)
         },
         "vlf_heads": 1,
-        "d_model": 256,                # D
+        "d_model": 128,                # D (paper configs: 256)
         "num_queries": 16,             # N_q
         "num_decoder_layers": 3,       # N_d
-        "num_heads": 8,
-        "ffn_dim": 1024,
+        "num_heads": 4,
+        "ffn_dim": 512,
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
         "attn_backend": "auto",        # auto | reference | sdpa | triton | xformers
@@ -106,6 +106,11 @@ def parse_override(text: str) -> dict:
         raise UserError(f"override must look like key=value, got '{text}'")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw else None
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; the user meant a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     out: dict = {}
     node = out
     parts = key.strip().split(".")

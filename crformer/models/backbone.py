@@ -19,21 +19,26 @@ class VisionLanguageFusion(nn.Module):
     Returns ``(x_next, multimodal)``, both B×N×C: ``multimodal`` = proj(vis(x) ⊙ attn(x, words))
     is kept for the decoder, and ``x_next = x + tanh-gate(multimodal) ⊙ multimodal`` feeds the
     next stage. The gate's last layer starts at zero so training starts from the plain backbone.
+    The last stage has no next stage, so its VLF is built with ``gated=False`` (no unused weights).
     """
 
-    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, backend: str = "auto"):
+    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, backend: str = "auto", gated: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, backend=backend)
         self.vis_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.fuse_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
-        self.gate = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Tanh())
-        nn.init.zeros_(self.gate[2].weight)
-        nn.init.zeros_(self.gate[2].bias)
+        self.gate = None
+        if gated:
+            self.gate = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Tanh())
+            nn.init.zeros_(self.gate[2].weight)
+            nn.init.zeros_(self.gate[2].bias)
 
     def forward(self, x: torch.Tensor, words: torch.Tensor, mask: torch.Tensor):
         lang = self.attn(self.norm(x), words, key_padding_mask=mask)
         multimodal = self.fuse_proj(self.vis_proj(x) * lang)
+        if self.gate is None:
+            return x, multimodal
         return x + self.gate(multimodal) * multimodal, multimodal
 
 
@@ -81,7 +86,8 @@ class SwinVLFEncoder(nn.Module):
         self.swin.head = nn.Identity()
         self.dims = [info["num_chs"] for info in self.swin.feature_info]
         self.strides = [info["reduction"] for info in self.swin.feature_info]
-        self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, backend) for d in self.dims)
+        self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, backend, gated=i < len(self.dims) - 1)
+                                 for i, d in enumerate(self.dims))
         self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in self.dims)
 
     def forward(self, images: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> list:

@@ -12,6 +12,15 @@ def _conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """Append x/y coordinate channels in [-1, 1]: B×C×H×W → B×(C+2)×H×W."""
+    B, _, H, W = x.shape
+    ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)
+    return torch.cat([x, grid[None].expand(B, -1, -1, -1)], dim=1)
+
+
 class PixelDecoder(nn.Module):
     """``forward(maps)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) →
     ``(memories, pixel_embedding)``: memories = [B×D×S/32², B×D×S/16², B×D×S/8²] (coarse first,
@@ -19,7 +28,9 @@ class PixelDecoder(nn.Module):
 
     def __init__(self, in_dims: list, dim: int):
         super().__init__()
-        self.lateral = nn.ModuleList(_conv_gn(c, dim, 1) for c in in_dims)
+        # +2 input channels: normalised x/y coordinates. Swin features carry no absolute position,
+        # and "the leftmost ..." / "... above the ..." need it in the memories and the pixel embedding.
+        self.lateral = nn.ModuleList(_conv_gn(c + 2, dim, 1) for c in in_dims)
         self.output = nn.ModuleList(_conv_gn(dim, dim, 3) for _ in in_dims)
         self.pixel_proj = nn.Conv2d(dim, dim, 1)
 
@@ -27,7 +38,7 @@ class PixelDecoder(nn.Module):
         feats = [None] * len(maps)
         top = None
         for i in reversed(range(len(maps))):
-            lat = self.lateral[i](maps[i])
+            lat = self.lateral[i](with_coordinates(maps[i]))
             if top is not None:
                 lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             top = lat

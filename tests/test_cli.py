@@ -1,0 +1,175 @@
+"""The CLIs end to end on tiny sizes: train → evaluate → predict, exact resume, torchrun, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crformer import evaluate, predict, train
+from crformer.checkpoint import load_checkpoint, save_atomic
+from crformer.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(main, argv, capsys=None):
+    """Run a CLI main in-process the way ``python -m`` does (UserError → exit 2, one line)."""
+    run(main, argv)
+
+
+def losses(out_dir):
+    recs = [json.loads(l) for l in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in recs if "total" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
+    from tests.conftest import TINY_MODEL
+
+    out = tmp_path_factory.mktemp("trained")
+    cli(train.main, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={out}", "train.epochs=2"])
+    return out
+
+
+def test_train_writes_checkpoints_log_and_metrics(trained, capsys):
+    for name in ("best.pt", "last.pt", "log.jsonl", "metrics.json", "config.json"):
+        assert (trained / name).is_file(), name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert set(metrics) == {"val_easy", "val_hard"}
+    hard = metrics["val_hard"]
+    assert set(hard["by_kind"]) == {"two-attr", "superlative", "relational"}
+    assert {"new_target_mIoU", "old_target_mIoU", "n"} <= set(hard["language_check"])
+    for key in ("oIoU", "mIoU", "Prec@0.5", "Prec@0.9"):
+        assert 0.0 <= hard["overall"][key] <= 1.0
+    ckpt = load_checkpoint(trained / "last.pt")
+    assert ckpt["step"] == ckpt["history"][-1]["step"] and ckpt["config"]["train"]["epochs"] == 2
+    assert "version" in ckpt and ckpt["text_encoder"] == "minilm"
+    assert not any(k.startswith("text_encoder.") for k in ckpt["model"])  # frozen encoder: by reference
+    rec = [json.loads(l) for l in (trained / "log.jsonl").read_text().splitlines()]
+    assert {"mask", "aux", "rec", "total", "lr", "images_per_s"} <= set(rec[0])
+
+
+def test_evaluate_and_predict_need_only_the_checkpoint(trained, tmp_path, capsys):
+    out_json = tmp_path / "eval.json"
+    cli(evaluate.main, ["--checkpoint", str(trained / "best.pt"), "--split", "val_hard", "--protocol", "lavt",
+                        "--save-vis", "2", "--language-check", "--out", str(out_json)])
+    text = capsys.readouterr().out
+    assert "oIoU" in text and "val_hard (S×S)" in text and "language check" in text
+    res = json.loads(out_json.read_text())
+    assert res["protocol"] == "lavt" and "lavt" in res["results"]["val_hard"]
+    assert len(list((tmp_path / "eval_vis").glob("*.png"))) == 2
+    img = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)).save(img)
+    cli(predict.main, ["--checkpoint", str(trained / "best.pt"), "--image", str(img), "--text", "the red square",
+                       "--out", str(tmp_path / "o.png")])
+    mask = np.asarray(Image.open(tmp_path / "o_mask.png"))
+    assert mask.shape == (40, 50) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(tmp_path / "o.png").size == (50, 40)
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    base = [o for o in tiny if not o.startswith("train.out_dir")] + ["train.epochs=2"]
+    cli(train.main, base + [f"train.out_dir={full}", "train.max_steps=5"])
+    cli(train.main, base + [f"train.out_dir={part}", "train.max_steps=3"])  # stops mid-epoch 2
+    assert load_checkpoint(part / "last.pt")["step"] == 3
+    cli(train.main, ["--resume", str(part / "last.pt"), "train.max_steps=5"])
+    a, b = losses(full), losses(part)
+    assert set(a) == {1, 2, 3, 4, 5} and set(b) == {1, 2, 3, 4, 5}
+    for step in (4, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
+
+
+def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {"w": torch.ones(3)}, "config": {}, "step": 1}, path)
+
+    def killed(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # a kill in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"model": {}, "config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_torchrun_two_processes_gloo(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    args = [o for o in tiny if not o.startswith("train.out_dir")] + [f"train.out_dir={out}", "train.epochs=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                           "-m", "crformer.train", *args], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+def _user_error(main, argv, capsys, *needles):
+    with pytest.raises(SystemExit) as e:
+        cli(main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_bad_training_input(tiny, tmp_path, capsys):
+    _user_error(train.main, tiny + ["model.num_querys=3"], capsys, "model.num_querys")
+    _user_error(train.main, tiny + ["data.dataset=refcoco", f"data.root={tmp_path / 'nope'}"], capsys, "nope")
+    (tmp_path / "root" / "refcoco").mkdir(parents=True)
+    _user_error(train.main, tiny + ["data.dataset=refcoco", f"data.root={tmp_path / 'root'}"], capsys, "refs")
+    _user_error(train.main, tiny + [f"model.text_encoder={tmp_path / 'bert'}"], capsys, "text encoder", "bert")
+    _user_error(train.main, tiny + [f"model.backbone.weights={tmp_path / 'swin.pth'}"], capsys, "swin.pth")
+    _user_error(train.main, tiny + ["--resume", str(tmp_path / "missing.pt")], capsys, "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00\x01junk")
+    _user_error(train.main, ["--resume", str(tmp_path / "junk.pt")], capsys, "junk.pt")
+
+
+def test_bad_predict_input(trained, tmp_path, capsys):
+    ck = str(trained / "best.pt")
+    _user_error(predict.main, ["--checkpoint", ck, "--image", str(tmp_path / "no.png"), "--text", "x"], capsys, "no.png")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    _user_error(predict.main, ["--checkpoint", ck, "--image", str(bad), "--text", "x"], capsys, "bad.jpg")
+    good = tmp_path / "g.png"
+    Image.new("RGB", (20, 20)).save(good)
+    _user_error(predict.main, ["--checkpoint", ck, "--image", str(good), "--text", "   "], capsys, "empty sentence")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16"])
+def test_predict_converts_unusual_images(trained, tmp_path, mode):
+    img = Image.new(mode, (24, 30))
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(path)
+    cli(predict.main, ["--checkpoint", str(trained / "best.pt"), "--image", str(path), "--text", "the star",
+                       "--out", str(tmp_path / "o.png")])
+    assert np.asarray(Image.open(tmp_path / "o_mask.png")).shape == (30, 24)
+
+
+def test_long_sentence_is_truncated_with_one_warning(trained, tmp_path):
+    from crformer.models.text_encoder import SentenceTokenizer
+
+    tok = SentenceTokenizer("minilm", 8)
+    with pytest.warns(UserWarning, match="truncated") as rec:
+        ids, mask = tok(["the small red square left of the big blue star above the green circle"] * 2)
+        tok(["another very long sentence that goes on and on and on and on"])
+    assert len(rec) == 1 and ids.shape == (2, 8) and mask.all()
+
+
+def test_python_m_reports_user_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "crformer.predict", "--checkpoint", str(tmp_path / "none.pt"),
+                           "--image", "x.png", "--text", "a"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'none.pt'}"

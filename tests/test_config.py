@@ -1,0 +1,60 @@
+import pytest
+
+from crformer.config import DEFAULTS, load_config, merge_config, parse_override
+from crformer.errors import UserError
+
+
+def test_defaults_are_a_fresh_copy():
+    cfg = load_config()
+    cfg["model"]["num_queries"] = 99
+    assert DEFAULTS["model"]["num_queries"] != 99
+    assert load_config()["model"]["num_queries"] == DEFAULTS["model"]["num_queries"]
+
+
+def test_overrides_parse_yaml_scalars_and_lists():
+    cfg = load_config(None, ["model.num_queries=1", "model.calibration=false", "model.backbone.depths=[1,2,3,4]",
+                             "train.lr=3e-4", "data.root=/some/where"])
+    assert cfg["model"]["num_queries"] == 1
+    assert cfg["model"]["calibration"] is False
+    assert cfg["model"]["backbone"]["depths"] == [1, 2, 3, 4]
+    assert cfg["train"]["lr"] == pytest.approx(3e-4)
+    assert cfg["data"]["root"] == "/some/where"
+
+
+@pytest.mark.parametrize("bad", ["model.num_querys=3", "nosuch.key=1", "model=3", "model.backbone.depth=[1]"])
+def test_unknown_or_misshapen_key_is_a_user_error(bad):
+    with pytest.raises(UserError) as e:
+        load_config(None, [bad])
+    assert "config key" in str(e.value)
+
+
+def test_yaml_file_and_unknown_key_in_file(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("model:\n  d_model: 64\ntrain:\n  epochs: 2\n")
+    cfg = load_config(str(good), ["train.epochs=3"])
+    assert cfg["model"]["d_model"] == 64 and cfg["train"]["epochs"] == 3  # overrides beat the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dmodel: 64\n")
+    with pytest.raises(UserError, match="model.dmodel"):
+        load_config(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_override_needs_equals_and_merge_keeps_checkpoint_values():
+    with pytest.raises(UserError):
+        parse_override("model.d_model")
+    saved = load_config(None, ["model.d_model=64"])
+    assert merge_config(saved, ["train.epochs=1"])["model"]["d_model"] == 64
+
+
+def test_paper_configs_load(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("refcoco_swinb.yaml", "refcocoplus_swinb.yaml", "refcocog_umd_swinb.yaml"):
+        cfg = load_config(str(root / name))
+        assert cfg["data"]["image_size"] == 480
+        assert cfg["model"]["backbone"]["window_size"] == 12
+        assert cfg["train"]["lr"] == pytest.approx(5e-5) and cfg["train"]["epochs"] == 40
+        assert cfg["train"]["batch_size"] == 32

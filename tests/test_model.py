@@ -1,0 +1,117 @@
+"""CRFormer forward/backward on tiny sizes: shapes, switches, gradients, and that it learns."""
+
+import pytest
+import torch
+
+from crformer.config import load_config
+from crformer.models import build_model
+from crformer.models.decoder import CalibrationLayer
+from crformer.models.losses import crformer_loss, reconstruction_loss
+from crformer.models.text_encoder import SentenceTokenizer
+from tests.conftest import TINY_MODEL
+
+SENTENCES = ["the red square", "the circle left of the blue star", "the leftmost small shape"]
+
+
+def tiny_cfg(*extra):
+    return load_config(None, TINY_MODEL + list(extra))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    ids, mask = SentenceTokenizer("minilm", 20)(SENTENCES)
+    return ids, mask
+
+
+@pytest.mark.parametrize("nq,calibration,lrm", [(1, True, True), (16, True, True), (16, False, True),
+                                                (16, True, False), (1, False, False)])
+def test_forward_backward_shapes(nq, calibration, lrm, tokens):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(f"model.num_queries={nq}", f"model.calibration={calibration}", f"model.lrm={lrm}")
+    model = build_model(cfg).train()
+    assert any(isinstance(m, CalibrationLayer) for m in model.modules()) == calibration
+    ids, mask = tokens
+    images = torch.randn(3, 3, 32, 32)
+    out = model(images, ids, mask)
+    assert out["pred_masks"].shape == (3, 8, 8)
+    assert len(out["aux_masks"]) == cfg["model"]["num_decoder_layers"] - 1
+    assert (out["rec"] is not None) == lrm
+    if lrm:
+        assert out["rec"].shape == (3, 20, model.text_encoder.dim)
+    terms = crformer_loss(out, (torch.rand(3, 32, 32) > 0.5).float(), cfg["loss"])
+    assert ("rec" in terms) == lrm
+    terms["total"].backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(n.startswith("text_encoder.") for n, _ in trainable)  # frozen by default
+    no_grad = [n for n, p in trainable if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    model.eval()
+    with torch.no_grad():
+        ev = model(images, ids, mask)
+    assert set(ev) == {"pred_masks", "lang", "lang_mask"}
+
+
+def test_few_steps_on_a_fixed_batch_lower_the_loss(tokens):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    ids, mask = tokens
+    images = torch.randn(3, 3, 32, 32)
+    target = torch.zeros(3, 32, 32)
+    target[0, 4:12, 4:12] = 1
+    target[1, 16:28, 2:10] = 1
+    target[2, 20:30, 20:30] = 1
+    losses = []
+    for _ in range(15):
+        terms = crformer_loss(model(images, ids, mask), target, cfg["loss"])
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+        losses.append(terms["total"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_backends_agree_in_the_whole_model(tokens):
+    torch.manual_seed(0)
+    ids, mask = tokens
+    images = torch.randn(3, 3, 32, 32)
+    outs = {}
+    for backend in ("reference", "sdpa"):
+        torch.manual_seed(1)
+        model = build_model(tiny_cfg(f"model.attn_backend={backend}")).eval()
+        with torch.no_grad():
+            outs[backend] = model(images, ids, mask)["pred_masks"]
+    torch.testing.assert_close(outs["reference"], outs["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_text_encoder_finetune_layers():
+    cfg = tiny_cfg("model.text_finetune=true", "model.text_trainable_layers=2")
+    model = build_model(cfg)
+    enc = model.text_encoder.bert
+    n = len(enc.encoder.layer)
+    assert all(p.requires_grad for p in enc.encoder.layer[n - 1].parameters())
+    assert not any(p.requires_grad for p in enc.encoder.layer[0].parameters())
+    assert not any(p.requires_grad for p in enc.embeddings.parameters())
+
+
+def test_frozen_text_cache_matches_direct_encoding(tokens):
+    model = build_model(tiny_cfg()).eval()
+    ids, mask = tokens
+    first = model.text_encoder(ids, mask)
+    direct = model.text_encoder._encode(ids, mask)
+    torch.testing.assert_close(first, direct, rtol=1e-5, atol=1e-5)
+    again = model.text_encoder(ids[[2, 0]], mask[[2, 0]])  # served from the cache
+    torch.testing.assert_close(again, first[[2, 0]])
+
+
+def test_reconstruction_loss_ignores_padding_and_empty_rows():
+    target = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, False, False, False], [False] * 5])
+    rec = target.clone()
+    rec[0, 2:] = -target[0, 2:]  # padding positions are wrong on purpose
+    rec[1] = torch.randn(5, 8)  # a row with no valid token
+    loss = reconstruction_loss(rec, target, mask, sentence_weight=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    rec[0, 0] = -target[0, 0]
+    assert reconstruction_loss(rec, target, mask).item() == pytest.approx(1.0, abs=1e-5)  # (2 + 0) / 2 tokens
