@@ -23,13 +23,13 @@ DEFAULTS: dict[str, Any] = {
         "split_by": "unc",             # unc | umd | google
         "train_split": "train",
         "val_splits": ["val_easy", "val_hard"],
-        "image_size": 96,              # images resized to S×S
+        "image_size": 64,              # images resized to S×S
         "max_tokens": 20,              # sentences padded/truncated to this many tokens
         "image_dir": None,             # default: REFER convention for the dataset
         "cache_dir": "~/.cache/crformer",
         "preload": True,               # decode and resize all images once (small datasets)
         "num_workers": 0,
-        "synthetic": {"seed": 0, "size": 96, "train_images": 3000, "eval_samples": 300},
+        "synthetic": {"seed": 0, "size": 64, "train_images": 3000, "eval_samples": 300},
     },
     "model": {
         "text_encoder": "minilm",      # a local HF BERT-family folder, or "minilm" (the embedded one)
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
             "embed_dim": 48,
             "depths": [2, 2, 2, 2],
             "num_heads": [2, 4, 8, 16],
-            "window_size": 6,
+            "window_size": 4,
             "patch_size": 4,
             "drop_path_rate": 0.1,
             "weights": None,           # local checkpoint file (timm's filter maps key names)
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "rec_sentence_weight": 0.0,    # optional sentence-level term of L_rec
     },
     "train": {
-        "epochs": 12,
+        "epochs": 6,
         "batch_size": 32,              # global batch (split over DDP ranks)
         "lr": 1e-3,
         "backbone_lr": None,           # null: same as lr

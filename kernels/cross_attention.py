@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crformer.ops.attention import check_attention_inputs
+
 __all__ = ["triton_cross_attention", "SHORT_MAX_N", "KERNEL_TABLE", "KERNELS", "shipped_configs"]
 
 # Kernels are decorated at import; TRITON_INTERPRET decides then whether they run on CPU tensors
@@ -601,24 +603,9 @@ def _strides4(t):
 
 
 def _check(q, k, v, keep):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"triton_cross_attention expects 4-D q/k/v (B×H×M×d, B×H×N×d); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, M, D = q.shape
-    if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape:
-        raise ValueError(f"triton_cross_attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"triton_cross_attention needs q/k/v of one dtype among fp32/fp16/bf16; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"triton_cross_attention device mismatch: {q.device}, {k.device}, {v.device}")
-    if keep is not None:
-        if keep.shape != (B, k.shape[2]) or keep.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be bool B×N = {(B, k.shape[2])}; got {keep.dtype} "
-                             f"{tuple(keep.shape)}")
-        if keep.device != q.device:
-            raise ValueError(f"key_padding_mask is on {keep.device}, q on {q.device}")
+    check_attention_inputs(q, k, v, keep, name="triton_cross_attention")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"triton_cross_attention needs fp32/fp16/bf16 q/k/v; got {q.dtype}")
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"triton_cross_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          f"importing {__name__}); got {q.device}")

@@ -106,7 +106,7 @@ def test_torchrun_two_processes_gloo(tiny, tmp_path):
     out = tmp_path / "ddp"
     args = [o for o in tiny if not o.startswith("train.out_dir")] + [f"train.out_dir={out}", "train.epochs=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "crformer.train", *args], capture_output=True, text=True, env=env, timeout=600,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ class CRFormer(nn.Module):
         self.text_encoder = TextEncoder(m["text_encoder"], m["text_finetune"], m["text_trainable_layers"])
         C_l = self.text_encoder.dim
         self.backbone = SwinVLFEncoder(m["backbone"], d["image_size"], C_l, m["vlf_heads"], backend)
-        self.pixel_decoder = PixelDecoder(self.backbone.dims, D)
+        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, min(3, m["num_decoder_layers"]))
         self.lang_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)

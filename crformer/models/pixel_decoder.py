@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 
 def _conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(32 if cout % 32 == 0 else 1, cout),
+    # Up to 32 groups but at least 2 channels each, so a 1×1 map of one image still normalises.
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if cout % g == 0 and cout // g >= 2 or g == 1)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(groups, cout),
                          nn.ReLU(inplace=True))
 
 
@@ -24,24 +26,25 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
 class PixelDecoder(nn.Module):
     """``forward(maps)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) →
     ``(memories, pixel_embedding)``: memories = [B×D×S/32², B×D×S/16², B×D×S/8²] (coarse first,
-    the order the decoder layers cycle through) and pixel_embedding B×D×(S/4)×(S/4)."""
+    the order the decoder layers cycle through; only the first ``num_memories`` are built, so a
+    shallow decoder leaves no unused weights) and pixel_embedding B×D×(S/4)×(S/4)."""
 
-    def __init__(self, in_dims: list, dim: int):
+    def __init__(self, in_dims: list, dim: int, num_memories: int = 3):
         super().__init__()
         # +2 input channels: normalised x/y coordinates. Swin features carry no absolute position,
         # and "the leftmost ..." / "... above the ..." need it in the memories and the pixel embedding.
         self.lateral = nn.ModuleList(_conv_gn(c + 2, dim, 1) for c in in_dims)
-        self.output = nn.ModuleList(_conv_gn(dim, dim, 3) for _ in in_dims)
+        self.memory_levels = [3, 2, 1][:num_memories]
+        self.output = nn.ModuleDict({str(i): _conv_gn(dim, dim, 3) for i in [0] + self.memory_levels})
         self.pixel_proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, maps: list):
-        feats = [None] * len(maps)
+        lats = [None] * len(maps)
         top = None
         for i in reversed(range(len(maps))):
             lat = self.lateral[i](with_coordinates(maps[i]))
             if top is not None:
                 lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-            top = lat
-            feats[i] = self.output[i](lat)
-        memories = [feats[3], feats[2], feats[1]]
-        return memories, self.pixel_proj(feats[0])
+            lats[i] = top = lat
+        memories = [self.output[str(i)](lats[i]) for i in self.memory_levels]
+        return memories, self.pixel_proj(self.output["0"](lats[0]))

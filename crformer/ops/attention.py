@@ -50,17 +50,18 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "sdpa"
 
 
-def _check_inputs(q, k, v, key_padding_mask):
+def check_attention_inputs(q, k, v, key_padding_mask, name: str = "cross_attention") -> None:
+    """ValueError naming the problem unless q/k/v/mask have the shapes, dtypes and devices above."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"cross_attention expects 4-D q/k/v (B×H×M×d, B×H×N×d); got {tuple(q.shape)}, "
+        raise ValueError(f"{name} expects 4-D q/k/v (B×H×M×d, B×H×N×d); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, H, M, d = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != d or v.shape != k.shape:
-        raise ValueError(f"cross_attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{name} shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"cross_attention dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise ValueError(f"{name} dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"cross_attention device mismatch: q {q.device}, k {k.device}, v {v.device}")
+        raise ValueError(f"{name} device mismatch: q {q.device}, k {k.device}, v {v.device}")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, k.shape[2]) or key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool B×N = {(B, k.shape[2])}; got "
@@ -152,5 +153,5 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
     Returns:
         B×H×M×d, q's dtype; 0 for rows with no valid key.
     """
-    _check_inputs(q, k, v, key_padding_mask)
+    check_attention_inputs(q, k, v, key_padding_mask)
     return _IMPLS[resolve_backend(backend, q.device)](q, k, v, key_padding_mask, scale)

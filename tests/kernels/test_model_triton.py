@@ -1,0 +1,39 @@
+"""The whole model on tiny sizes with backend ``triton`` (interpreted on CPU) matches ``reference``,
+forward and backward."""
+
+import os
+
+import pytest
+import torch
+
+from crformer.config import load_config
+from crformer.models import build_model
+from crformer.models.losses import crformer_loss
+from crformer.models.text_encoder import SentenceTokenizer
+from tests.conftest import TINY_MODEL
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/kernels/conftest.py)")
+
+
+def test_model_triton_matches_reference():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids, mask = SentenceTokenizer("minilm", 20)(["the red square", "the circle left of the blue star"])
+    images = torch.randn(2, 3, 32, 32)
+    target = (torch.rand(2, 32, 32) > 0.5).float()
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        cfg = load_config(None, TINY_MODEL + [f"model.attn_backend={backend}"])
+        model = build_model(cfg).to(device).train()
+        out = model(images.to(device), ids.to(device), mask.to(device))
+        loss = crformer_loss(out, target.to(device), cfg["loss"])["total"]
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out["pred_masks"].detach(), loss.detach(), grads)
+    (m_ref, l_ref, g_ref), (m_tri, l_tri, g_tri) = results["reference"], results["triton"]
+    torch.testing.assert_close(m_tri, m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l_tri, l_ref, rtol=1e-5, atol=1e-5)
+    assert g_ref.keys() == g_tri.keys() and len(g_ref) > 50
+    for name in g_ref:
+        torch.testing.assert_close(g_tri[name], g_ref[name], rtol=1e-3, atol=1e-4, msg=name)
