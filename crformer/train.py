@@ -178,7 +178,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {k: float(v) for k, v in terms.items()}
+        return {k: v.detach().item() for k, v in terms.items()}
 
     def fit(self) -> None:
         t = self.cfg["train"]
