@@ -85,10 +85,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile and FlexAttention peers")
     ap.add_argument("--no-sweep", action="store_true", help="paper configuration only")
     args = ap.parse_args(argv)
-    dev = common.setup(args)
-    print(dev.header("Calibration Decoder layer + its attention calls"))
-    if not dev.cuda:
-        print("CPU-only: reference and sdpa backends; torch.compile / FlexAttention / xformers / triton are GPU only")
+    dev = common.start_attention_bench(args, "Calibration Decoder layer + its attention calls")
 
     if args.quick and not dev.cuda:
         B, Nq, D, H, ffn, mems = 2, 16, 64, 4, 128, [8, 15]

@@ -75,10 +75,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile and FlexAttention peers")
     ap.add_argument("--no-module", action="store_true", help="attention calls only, not the VLF module")
     args = ap.parse_args(argv)
-    dev = common.setup(args)
-    print(dev.header("VLF attention stages (Swin-B, 480²)"))
-    if not dev.cuda:
-        print("CPU-only: reference and sdpa backends; torch.compile / FlexAttention / xformers / triton are GPU only")
+    dev = common.start_attention_bench(args, "VLF attention stages (Swin-B, 480²)")
     if args.quick and not dev.cuda:
         B, stages, lang_dim = 2, [(16, 32), (8, 64)], 64
         shape_note = f"--quick on CPU: TINY shapes (B={B}, stages (hw, C) = {stages}, lang dim {lang_dim}), not Swin-B"

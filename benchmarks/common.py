@@ -387,3 +387,17 @@ def bench_attention(rows: list[dict], dev: Device, case: str, B: int, H: int, M:
             skip(rows, case, name, "fwd+bwd", "forward failed")
             continue
         run_case(rows, dev, case, name, "fwd+bwd", fwdbwd, fwd_b + bwd_b, quick, extra)
+
+
+ATTENTION_CPU_NOTE = ("CPU-only: reference and sdpa backends; torch.compile / FlexAttention / xformers / triton "
+                      "are GPU only")
+
+
+def start_attention_bench(args, title: str) -> Device:
+    """Shared start of the attention benchmarks: set up the device, print the header and, on CPU,
+    say which backends run."""
+    dev = setup(args)
+    print(dev.header(title))
+    if not dev.cuda:
+        print(ATTENTION_CPU_NOTE)
+    return dev
