@@ -13,8 +13,9 @@ Sweep (cross-attention and layer, GPU): B ∈ {1, 32}, N_q ∈ {64, 256} at 60²
 and 60² with padded keys (valid lengths N/2..N).
 Backends: reference, torch.compile(reference) and FlexAttention (GPU, paper configs only — each
 shape recompiles), sdpa, xformers (if importable, CUDA), triton (CUDA). The layer itself runs with
-the backends the model accepts (reference, sdpa, xformers, triton) plus torch.compile of the layer
-with the reference backend. Bytes: see benchmarks/common.py (each input read once, each output
+the backends the model accepts (reference, sdpa, xformers, triton), sdpa+fold / triton+fold (the
+cross-attention folded, model key fold_decoder_attention) and torch.compile of the layer with the
+reference backend. Bytes: see benchmarks/common.py (each input read once, each output
 written once). Results: <out-dir>/<device>-<date>.json and .md (section "decoder").
 """
 
@@ -47,13 +48,17 @@ def bench_layer(rows, dev, case, B, Nq, hw, D, H, ffn, quick, compiled):
     pos, qpos = rnd(N, D), rnd(Nq, D)
     mask = common.padding_mask(B, L_WORDS, 5, device)
     gout = rnd(B, Nq, D)
-    backends = ["reference", "sdpa"] + (["xformers", "triton"] if dev.cuda else [])
+    # "+fold": the cross-attention with its projections folded into the queries (model key
+    # fold_decoder_attention): one H·N_q-query, D-wide call that reads the memory once.
+    backends = ["reference", "sdpa", "sdpa+fold"] + (["xformers", "triton", "triton+fold"] if dev.cuda else [])
     if dev.cuda and compiled:
         backends.append("compile(reference)")
     for name in backends:
         torch.manual_seed(0)
+        base, _, fold = name.partition("+")
         layer = CalibrationDecoderLayer(D, H, ffn, calibration=True,
-                                        backend="reference" if name.startswith("compile") else name)
+                                        backend="reference" if name.startswith("compile") else base,
+                                        fold_keys=fold == "fold")
         layer = layer.to(device=device, dtype=dt)
         fn = torch.compile(layer, dynamic=False) if name.startswith("compile") else layer
         params = [p for p in layer.parameters() if p.requires_grad]

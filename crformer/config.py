@@ -51,9 +51,11 @@ DEFAULTS: dict[str, Any] = {
         "num_decoder_layers": 3,       # N_d
         "num_heads": 4,
         "ffn_dim": 512,
+        "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
         "attn_backend": "auto",        # auto | reference | sdpa | triton | xformers
+        "fold_decoder_attention": False,  # same function, projections folded into the queries (§3)
     },
     "loss": {
         "aux_weight": 0.5,             # weight of each auxiliary decoder-layer mask loss

@@ -29,7 +29,7 @@ def autocast_context(device: torch.device, amp: str):
 
 @torch.no_grad()
 def predict_logits(model, images, input_ids, attention_mask, amp: str = "auto") -> torch.Tensor:
-    """Mask logits B×(S/4)×(S/4) in fp32 for a batch (model in eval mode)."""
+    """Mask logits B×(S/s)×(S/s) (s = model.mask_stride) in fp32 for a batch (model in eval mode)."""
     device = images.device
     with autocast_context(device, amp):
         return model(images, input_ids.to(device), attention_mask.to(device))["pred_masks"].float()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from crformer.config import load_config
+from crformer.errors import UserError
 from crformer.models import build_model
 from crformer.models.decoder import CalibrationLayer
 from crformer.models.losses import crformer_loss, reconstruction_loss
@@ -23,18 +24,20 @@ def tokens():
     return ids, mask
 
 
-@pytest.mark.parametrize("nq,calibration,lrm", [(1, True, True), (16, True, True), (16, False, True),
-                                                (16, True, False), (1, False, False)])
-def test_forward_backward_shapes(nq, calibration, lrm, tokens):
+@pytest.mark.parametrize("nq,calibration,lrm,stride", [(1, True, True, 2), (16, True, True, 4), (16, False, True, 1),
+                                                       (16, True, False, 2), (1, False, False, 4)])
+def test_forward_backward_shapes(nq, calibration, lrm, stride, tokens):
     torch.manual_seed(0)
-    cfg = tiny_cfg(f"model.num_queries={nq}", f"model.calibration={calibration}", f"model.lrm={lrm}")
+    cfg = tiny_cfg(f"model.num_queries={nq}", f"model.calibration={calibration}", f"model.lrm={lrm}",
+                   f"model.mask_stride={stride}")
     model = build_model(cfg).train()
     assert any(isinstance(m, CalibrationLayer) for m in model.modules()) == calibration
     ids, mask = tokens
     images = torch.randn(3, 3, 32, 32)
     out = model(images, ids, mask)
-    assert out["pred_masks"].shape == (3, 8, 8)
-    assert len(out["aux_masks"]) == cfg["model"]["num_decoder_layers"] - 1
+    side = 32 // stride
+    assert out["pred_masks"].shape == (3, side, side)
+    assert [a.shape for a in out["aux_masks"]] == [(3, side, side)] * (cfg["model"]["num_decoder_layers"] - 1)
     assert (out["rec"] is not None) == lrm
     if lrm:
         assert out["rec"].shape == (3, 20, model.text_encoder.dim)
@@ -49,6 +52,24 @@ def test_forward_backward_shapes(nq, calibration, lrm, tokens):
     with torch.no_grad():
         ev = model(images, ids, mask)
     assert set(ev) == {"pred_masks", "lang", "lang_mask"}
+
+
+def test_mask_refinement_starts_as_plain_upsampling(tokens):
+    """At initialisation the stride-2 head equals the stride-4 mask upsampled (zero residual), and
+    a bad mask_stride is a one-line config error."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("model.mask_stride=2")).eval()
+    ids, mask = tokens
+    images = torch.randn(3, 3, 32, 32)
+    captured = {}
+    model.mask_head.refine.register_forward_hook(lambda m, i, o: captured.update(inp=i[0], out=o))
+    with torch.no_grad():
+        fine = model(images, ids, mask)["pred_masks"]
+    assert torch.count_nonzero(captured["out"]) == 0
+    coarse_up = captured["inp"][:, -1]  # the upsampled stride-4 logits are the last input channel
+    torch.testing.assert_close(fine, coarse_up)
+    with pytest.raises(UserError, match="mask_stride"):
+        build_model(tiny_cfg("model.mask_stride=3"))
 
 
 def test_few_steps_on_a_fixed_batch_lower_the_loss(tokens):

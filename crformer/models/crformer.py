@@ -19,7 +19,7 @@ class CRFormer(nn.Module):
     """Referring image segmentation model.
 
     ``forward(images B×3×S×S, input_ids B×L, attention_mask B×L bool)`` → dict:
-      - ``pred_masks``: B×(S/4)×(S/4) mask logits from the last decoder layer;
+      - ``pred_masks``: B×(S/s)×(S/s) mask logits from the last decoder layer (s = ``model.mask_stride``);
       - ``aux_masks``: list of N_d − 1 such logits from the earlier layers (training only);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
@@ -32,13 +32,14 @@ class CRFormer(nn.Module):
         self.text_encoder = TextEncoder(m["text_encoder"], m["text_finetune"], m["text_trainable_layers"])
         C_l = self.text_encoder.dim
         self.backbone = SwinVLFEncoder(m["backbone"], d["image_size"], C_l, m["vlf_heads"], backend)
-        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, min(3, m["num_decoder_layers"]))
+        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, min(3, m["num_decoder_layers"]), m["mask_stride"])
         self.lang_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)
         self.decoder = CalibrationDecoder(D, m["num_decoder_layers"], m["num_heads"], m["ffn_dim"],
-                                          m["num_queries"], m["calibration"], backend)
-        self.mask_head = MaskHead(D)
+                                          m["num_queries"], m["calibration"], backend,
+                                          fold_keys=m["fold_decoder_attention"])
+        self.mask_head = MaskHead(D, PixelDecoder.detail_dim if m["mask_stride"] < 4 else 0)
         self.lrm = (LanguageReconstructionModule(D, C_l, d["max_tokens"], m["num_heads"], backend)
                     if m["lrm"] else None)
 
@@ -46,16 +47,16 @@ class CRFormer(nn.Module):
         mask = attention_mask.bool()
         lang = self.text_encoder(input_ids, mask)
         maps = self.backbone(images, lang.to(images.dtype), mask)
-        memories, pixel = self.pixel_decoder(maps)
+        memories, pixel, detail = self.pixel_decoder(maps, images)
         sentence = self.sentence_proj(masked_pool(lang, mask))
         words = self.lang_proj(lang)
         q = self.qgm(memories[0], words, mask, sentence)
         mem_seq = [m.flatten(2).transpose(1, 2) for m in memories]  # B×(h·w)×D
         mem_pos = [sine_position_embedding(*m.shape[-2:], m.shape[1], m.device, m.dtype) for m in memories]
         outs = self.decoder(q, mem_seq, mem_pos, words, mask)
-        result = {"pred_masks": self.mask_head(outs[-1], pixel, sentence), "lang": lang, "lang_mask": mask}
+        result = {"pred_masks": self.mask_head(outs[-1], pixel, sentence, detail), "lang": lang, "lang_mask": mask}
         if self.training:
-            result["aux_masks"] = [self.mask_head(o, pixel, sentence) for o in outs[:-1]]
+            result["aux_masks"] = [self.mask_head(o, pixel, sentence, detail) for o in outs[:-1]]
             result["rec"] = self.lrm(outs[-1]) if self.lrm is not None else None
         return result
 

@@ -12,11 +12,12 @@ from crformer.models.layers import FFN, MultiHeadAttention
 
 
 class CrossAttentionLayer(nn.Module):
-    """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``)."""
+    """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``).
+    ``fold_keys``: projections folded into the queries (:class:`MultiHeadAttention`)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto", fold_keys: bool = False):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend, fold_keys=fold_keys)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
@@ -65,9 +66,10 @@ class CalibrationLayer(nn.Module):
 class CalibrationDecoderLayer(nn.Module):
     """cross-attention (queries → pixels) → self-attention → FFN → calibration (optional)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, backend: str = "auto",
+                 fold_keys: bool = False):
         super().__init__()
-        self.cross = CrossAttentionLayer(dim, num_heads, backend)
+        self.cross = CrossAttentionLayer(dim, num_heads, backend, fold_keys)
         self.self_attn = SelfAttentionLayer(dim, num_heads, backend)
         self.ffn = FFNLayer(dim, ffn_dim)
         self.calibration = CalibrationLayer(dim, num_heads, backend) if calibration else None
@@ -89,9 +91,9 @@ class CalibrationDecoder(nn.Module):
     """
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, num_queries: int,
-                 calibration: bool = True, backend: str = "auto", num_levels: int = 3):
+                 calibration: bool = True, backend: str = "auto", num_levels: int = 3, fold_keys: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration, backend)
+        self.layers = nn.ModuleList(CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration, backend, fold_keys)
                                     for _ in range(num_layers))
         self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from crformer.models.decoder import CrossAttentionLayer, FFNLayer
+from crformer.models.pixel_decoder import conv_gn_relu
 
 
 def _mlp(din: int, hidden: int, dout: int, layers: int) -> nn.Sequential:
@@ -20,19 +22,33 @@ def _mlp(din: int, hidden: int, dout: int, layers: int) -> nn.Sequential:
 class MaskHead(nn.Module):
     """Per-query masks Q·F_pix merged into one mask with softmax-over-queries confidences.
 
-    ``forward(q B×N_q×D, pixel B×D×H×W, sentence B×D)`` → mask logits B×H×W.
+    ``forward(q B×N_q×D, pixel B×D×H×W, sentence B×D, detail=None)`` → mask logits B×H×W, or
+    B×H'×W' when ``detail`` (B×C_d×H'×W', built with ``detail_dim`` = C_d) is given: the mask is
+    then upsampled to the detail grid and a residual from two convolutions over [detail, mask]
+    sharpens its outline. The residual's last layer starts at zero (plain upsampling).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, detail_dim: int = 0):
         super().__init__()
         self.mask_embed = _mlp(dim, dim, dim, 3)
         self.confidence = _mlp(2 * dim, dim, 1, 2)
+        self.refine = None
+        if detail_dim:
+            self.refine = nn.Sequential(conv_gn_relu(detail_dim + 1, detail_dim, 3),
+                                        nn.Conv2d(detail_dim, 1, 3, padding=1))
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
 
-    def forward(self, q: torch.Tensor, pixel: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, pixel: torch.Tensor, sentence: torch.Tensor,
+                detail: torch.Tensor | None = None) -> torch.Tensor:
         masks = torch.einsum("bqd,bdhw->bqhw", self.mask_embed(q), pixel)
         ctx = sentence[:, None, :].expand_as(q)
         weights = self.confidence(torch.cat([q, ctx], dim=-1)).squeeze(-1).softmax(dim=1)
-        return torch.einsum("bq,bqhw->bhw", weights, masks)
+        logits = torch.einsum("bq,bqhw->bhw", weights, masks)
+        if self.refine is None or detail is None:
+            return logits
+        up = F.interpolate(logits[:, None], size=detail.shape[-2:], mode="bilinear", align_corners=False)
+        return (up + self.refine(torch.cat([detail, up.to(detail.dtype)], dim=1)))[:, 0]
 
 
 class LanguageReconstructionModule(nn.Module):

@@ -17,19 +17,30 @@ class MultiHeadAttention(nn.Module):
     Queries B×M×d_q attend to keys B×N×d_kv (values default to the keys); output B×M×d_out.
     ``key_padding_mask`` is B×N bool with True = valid key. Every attention site of the model
     goes through this class, so the backend switch reaches all of them.
+
+    ``fold_keys=True`` computes the same function with the key and value projections folded into
+    the queries (DESIGN §3), for few queries over a long memory: head h's scores are
+    (W_qh q + b_qh)·(W_kh k + b_kh) = [W_khᵀ(W_qh q + b_qh)]·k + a per-query constant that softmax
+    cancels, and its output is W_vh (Σ a·v) + b_vh because attention rows sum to 1 (0 for a fully
+    masked row). So all heads become one d_kv-wide attention over the raw keys and values, with
+    the H·M folded queries stacked on the query axis: the memory is read once, never projected.
+    Same parameters, so a checkpoint loads either way.
     """
 
     def __init__(self, d_q: int, d_kv: int, d_attn: int, num_heads: int, d_out: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", fold_keys: bool = False):
         super().__init__()
         if d_attn % num_heads:
             raise ValueError(f"attention width {d_attn} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.backend = backend
+        self.fold_keys = fold_keys
         self.q_proj = nn.Linear(d_q, d_attn)
         self.k_proj = nn.Linear(d_kv, d_attn)
         self.v_proj = nn.Linear(d_kv, d_attn)
         self.out_proj = nn.Linear(d_attn, d_out or d_q)
+        if fold_keys:  # its gradient is exactly 0 (softmax cancels it); frozen, DDP sees no unused parameter
+            self.k_proj.bias.requires_grad_(False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -38,10 +49,29 @@ class MultiHeadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         value = key if value is None else value
+        if self.fold_keys:
+            return self.out_proj(self._folded_heads(query, key, value, key_padding_mask))
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         out = cross_attention(q, k, v, key_padding_mask, backend=self.backend)
         B, H, M, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, M, H * d))
+
+    def _folded_heads(self, query, key, value, key_padding_mask) -> torch.Tensor:
+        """The concatenated head outputs B×M×d_attn, computed with ``fold_keys`` (see class doc)."""
+        B, M, _ = query.shape
+        H, d_kv = self.num_heads, key.shape[-1]
+        dh = self.q_proj.out_features // H
+        q = self.q_proj(query).view(B, M, H, dh)
+        w_k = self.k_proj.weight.view(H, dh, d_kv).to(q.dtype)
+        folded = torch.einsum("bmhd,hdc->bhmc", q, w_k).reshape(B, 1, H * M, d_kv)
+        ctx = cross_attention(folded, key[:, None], value[:, None], key_padding_mask, scale=dh ** -0.5,
+                              backend=self.backend).view(B, H, M, d_kv)
+        w_v = self.v_proj.weight.view(H, dh, d_kv).to(ctx.dtype)
+        out = torch.einsum("bhmc,hdc->bmhd", ctx, w_v)
+        bias = self.v_proj.bias.view(H, dh).to(out.dtype)
+        if key_padding_mask is not None:  # a fully masked row has no Σa = 1: its output stays 0
+            bias = bias * key_padding_mask.any(dim=1).to(out.dtype)[:, None, None, None]
+        return (out + bias).reshape(B, M, H * dh)
 
 
 class FFN(nn.Module):

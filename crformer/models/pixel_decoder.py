@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crformer.errors import UserError
 
-def _conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
+
+def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     # Up to 32 groups but at least 2 channels each, so a 1×1 map of one image still normalises.
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if cout % g == 0 and cout // g >= 2 or g == 1)
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(groups, cout),
@@ -24,21 +26,38 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
 
 
 class PixelDecoder(nn.Module):
-    """``forward(maps)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) →
-    ``(memories, pixel_embedding)``: memories = [B×D×S/32², B×D×S/16², B×D×S/8²] (coarse first,
-    the order the decoder layers cycle through; only the first ``num_memories`` are built, so a
-    shallow decoder leaves no unused weights) and pixel_embedding B×D×(S/4)×(S/4)."""
+    """``forward(maps, images)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) and the
+    B×3×S×S images → ``(memories, pixel_embedding, detail)``: memories = [B×D×S/32², B×D×S/16²,
+    B×D×S/8²] (coarse first, the order the decoder layers cycle through; only the first
+    ``num_memories`` are built, so a shallow decoder leaves no unused weights), pixel_embedding
+    B×D×(S/4)×(S/4), and detail B×C_d×(S/s)×(S/s) or None.
 
-    def __init__(self, in_dims: list, dim: int, num_memories: int = 3):
+    ``mask_stride`` s = 4 is the paper's design (masks at the finest backbone level; detail None).
+    s = 2 or 1 adds a light two-conv stem over the image at that stride (``detail_dim`` channels)
+    that the mask head uses to refine the upsampled mask's outline: at small inputs (64² on a CPU,
+    objects ~10 px wide) a stride-4 mask cannot trace a star. The detail features never enter the
+    query-pixel product, so which object is chosen stays the language-driven decoder's decision."""
+
+    detail_dim = 32
+
+    def __init__(self, in_dims: list, dim: int, num_memories: int = 3, mask_stride: int = 4):
         super().__init__()
+        if mask_stride not in (1, 2, 4):
+            raise UserError(f"model.mask_stride must be 1, 2 or 4, got {mask_stride!r}")
+        self.mask_stride = mask_stride
         # +2 input channels: normalised x/y coordinates. Swin features carry no absolute position,
         # and "the leftmost ..." / "... above the ..." need it in the memories and the pixel embedding.
-        self.lateral = nn.ModuleList(_conv_gn(c + 2, dim, 1) for c in in_dims)
+        self.lateral = nn.ModuleList(conv_gn_relu(c + 2, dim, 1) for c in in_dims)
         self.memory_levels = [3, 2, 1][:num_memories]
-        self.output = nn.ModuleDict({str(i): _conv_gn(dim, dim, 3) for i in [0] + self.memory_levels})
+        self.output = nn.ModuleDict({str(i): conv_gn_relu(dim, dim, 3) for i in [0] + self.memory_levels})
         self.pixel_proj = nn.Conv2d(dim, dim, 1)
+        self.detail = None
+        if mask_stride < 4:
+            w = self.detail_dim
+            self.detail = nn.Sequential(nn.Conv2d(3, w, 3, stride=mask_stride, padding=1, bias=False),
+                                        nn.GroupNorm(8, w), nn.ReLU(inplace=True), conv_gn_relu(w, w, 3))
 
-    def forward(self, maps: list):
+    def forward(self, maps: list, images: torch.Tensor):
         lats = [None] * len(maps)
         top = None
         for i in reversed(range(len(maps))):
@@ -47,4 +66,5 @@ class PixelDecoder(nn.Module):
                 lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             lats[i] = top = lat
         memories = [self.output[str(i)](lats[i]) for i in self.memory_levels]
-        return memories, self.pixel_proj(self.output["0"](lats[0]))
+        detail = self.detail(images) if self.detail is not None else None
+        return memories, self.pixel_proj(self.output["0"](lats[0])), detail

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
                                 reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/kernels/conftest.py)")
 
 
-def test_model_triton_matches_reference():
+@pytest.mark.parametrize("fold", [False, True])
+def test_model_triton_matches_reference(fold):
+    """``fold``: the triton model folds its decoder cross-attention (one H·M-query, D-wide call)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ids, mask = SentenceTokenizer("minilm", 20)(["the red square", "the circle left of the blue star"])
     images = torch.randn(2, 3, 32, 32)
@@ -24,7 +26,8 @@ def test_model_triton_matches_reference():
     results = {}
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
-        cfg = load_config(None, TINY_MODEL + [f"model.attn_backend={backend}"])
+        folded = fold and backend == "triton"
+        cfg = load_config(None, TINY_MODEL + [f"model.attn_backend={backend}", f"model.fold_decoder_attention={folded}"])
         model = build_model(cfg).to(device).train()
         out = model(images.to(device), ids.to(device), mask.to(device))
         loss = crformer_loss(out, target.to(device), cfg["loss"])["total"]
@@ -34,6 +37,12 @@ def test_model_triton_matches_reference():
     (m_ref, l_ref, g_ref), (m_tri, l_tri, g_tri) = results["reference"], results["triton"]
     torch.testing.assert_close(m_tri, m_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(l_tri, l_ref, rtol=1e-5, atol=1e-5)
+    # Folded, the decoder's k_proj biases are frozen: softmax cancels them, so their gradient is 0.
+    extra = set(g_ref) - set(g_tri)
+    assert all(n.startswith("decoder.") and n.endswith("cross.attn.k_proj.bias") for n in extra) and (bool(extra) == fold)
+    for name in extra:
+        torch.testing.assert_close(g_ref[name], torch.zeros_like(g_ref[name]), rtol=0, atol=1e-5)
+    g_ref = {n: g for n, g in g_ref.items() if n not in extra}
     assert g_ref.keys() == g_tri.keys() and len(g_ref) > 50
     for name in g_ref:
         torch.testing.assert_close(g_tri[name], g_ref[name], rtol=1e-3, atol=1e-4, msg=name)

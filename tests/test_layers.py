@@ -1,0 +1,59 @@
+"""crformer.models.layers: the folded decoder attention equals the plain one (float64)."""
+
+import pytest
+import torch
+
+from crformer.config import load_config
+from crformer.models import build_model
+from crformer.models.layers import MultiHeadAttention
+from crformer.models.text_encoder import SentenceTokenizer
+from tests.conftest import TINY_MODEL
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():  # non-zero biases too: the folding has to cancel / carry them
+        p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("B,M,N,d_q,d_kv,d_attn,H", [(2, 16, 37, 32, 32, 32, 4), (3, 5, 100, 24, 40, 48, 8),
+                                                      (1, 1, 9, 16, 16, 16, 1), (2, 7, 64, 48, 96, 96, 3)])
+def test_folded_keys_equal_the_plain_attention(backend, B, M, N, d_q, d_kv, d_attn, H):
+    torch.manual_seed(B * 1000 + N)
+    mha = MultiHeadAttention(d_q, d_kv, d_attn, H, backend=backend).double()
+    _randomise(mha, N)
+    q = torch.randn(B, M, d_q, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, N, d_kv, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, N, d_kv, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(B, N) > 0.4  # non-prefix pattern
+    mask[0, :] = False  # a fully masked row: output = out_proj bias only, in both forms
+    mask[-1, 0] = True if B > 1 else mask[-1, 0]
+    outs, grads = [], []
+    for fold in (False, True):
+        mha.fold_keys = fold
+        out = mha(q, k, v, key_padding_mask=mask)
+        g_out = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
+        params = [q, k, v] + list(mha.parameters())
+        gs = torch.autograd.grad(out, params, g_out, allow_unused=True)
+        outs.append(out.detach())
+        grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)])
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    names = ["q", "k", "v"] + [n for n, _ in mha.named_parameters()]
+    for name, g1, g0 in zip(names, grads[1], grads[0]):
+        # k_proj's bias cancels in softmax: its gradient is 0 in the plain form too (up to rounding)
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_model_with_folded_decoder_attention_matches_the_plain_model():
+    ids, mask = SentenceTokenizer("minilm", 20)(["the red square", "the circle left of the blue star"])
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = build_model(load_config(None, TINY_MODEL)).eval()
+    folded = build_model(load_config(None, TINY_MODEL + ["model.fold_decoder_attention=true"])).eval()
+    folded.load_state_dict(plain.state_dict())  # same parameters: checkpoints load either way
+    assert all(layer.cross.attn.fold_keys for layer in folded.decoder.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images, ids, mask)["pred_masks"], plain(images, ids, mask)["pred_masks"],
+                                   rtol=1e-4, atol=1e-4)
