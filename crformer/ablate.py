@@ -1,0 +1,357 @@
+"""Language-fidelity study: the paper's ablations on the synthetic benchmark, with a per-layer probe.
+
+``python -m crformer.ablate`` trains every variant below for every seed (a small, fast setting:
+:data:`STUDY`), evaluates each on the easy and hard validation splits, probes how much of the
+sentence the queries of each decoder layer still carry, and writes into ``--out``
+(default ``docs/ablations``): one JSON per run under ``runs/``, ``results.json`` (the aggregate),
+``tables.md`` and the plots ``metrics.png`` and ``probe.png``. Finished runs are skipped, so an
+interrupted study continues where it stopped; ``--report-only`` rebuilds tables and plots from the
+run files alone.
+
+The probe (:func:`probe_layers`): for each layer ℓ (0 = the QGM's queries, 1…N_d = the decoder
+layers) the queries are mean-pooled into one D-vector per sample. Linear read-outs are fitted on the
+validation splits and scored on the test splits (never the same sentences): a multinomial logistic
+regression for the colour word, the shape word and the spatial word ("leftmost", "left of", …) of
+the sentence (each with a ``none`` class), and a ridge regression to the frozen text encoder's
+mean-pooled sentence feature (scored by cosine similarity). If calibration keeps the language alive,
+these stay high with depth; if a plain decoder lets it fade, they drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crformer.config import load_config
+from crformer.data.dataset import Collate, RefDataset
+from crformer.data.synthetic import COLORS, RELATIONS, SHAPES, SUPERLATIVES
+from crformer.engine import autocast_context, evaluate_split
+from crformer.errors import UserError
+from crformer.ops import masked_pool
+
+#: Variant name → config overrides. ``crformer-nq16`` is the full model.
+VARIANTS: dict = {
+    "crformer-nq16": ["model.num_queries=16"],
+    "crformer-nq4": ["model.num_queries=4"],
+    "crformer-nq1": ["model.num_queries=1"],
+    "no-calibration": ["model.num_queries=16", "model.calibration=false"],
+    "no-lrm": ["model.num_queries=16", "model.lrm=false"],
+    "plain": ["model.num_queries=1", "model.calibration=false", "model.lrm=false"],
+}
+
+#: The study's setting on top of the default config: the default model (64² images), 2,000 training
+#: scenes instead of 3,000 and 2 epochs instead of 5 (350 steps), so 6 variants × 3 seeds fit in an
+#: hour on 2 CPU cores: two runs at a time, one thread each (small CPU ops scale poorly across
+#: threads, and one thread makes a run's numbers independent of the machine's core count).
+STUDY: list = [
+    "data.synthetic.train_images=2000",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "eval.language_check=false",
+]
+
+PROBE_WORDS = {
+    "colour": list(COLORS),
+    "shape": list(SHAPES),
+    "spatial": list(SUPERLATIVES) + list(RELATIONS),
+}
+METRIC_SPLITS = ("val_easy", "val_hard")
+PROBE_FIT_SPLITS = ("val_easy", "val_hard")
+PROBE_TEST_SPLITS = ("test_easy", "test_hard")
+
+
+def word_label(sentence: str, words: list) -> int:
+    """Index of the first of ``words`` in ``sentence`` (whole words), or ``len(words)`` (= none)."""
+    padded = f" {sentence.lower()} "
+    hits = [(padded.find(f" {w} "), i) for i, w in enumerate(words) if f" {w} " in padded]
+    return min(hits)[1] if hits else len(words)
+
+
+@torch.no_grad()
+def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
+    """Mean-pooled queries of every layer for all samples of ``splits``.
+
+    Returns ``(feats, sentence, labels)``: feats (N_d+1)×n×D (layer 0 = QGM), sentence n×C_l (the
+    text encoder's mean-pooled words), labels {probe: n} word-class indices.
+    """
+    captured: list = []
+    hooks = [model.qgm.register_forward_hook(lambda m, i, o: captured.append(o.float().mean(1)))]
+    hooks += [layer.register_forward_hook(lambda m, i, o: captured.append(o.float().mean(1)))
+              for layer in model.decoder.layers]
+    was_training = model.training
+    model.eval()
+    per_layer = [[] for _ in hooks]
+    sentences, labels = [], {k: [] for k in PROBE_WORDS}
+    try:
+        for split in splits:
+            ds = RefDataset(refer, split, cfg["data"]["image_size"], train=False, preload=cfg["data"]["preload"])
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg["eval"]["batch_size"], collate_fn=Collate(tokenizer))
+            for batch in loader:
+                captured.clear()
+                ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                with autocast_context(device, cfg["train"]["amp"]):
+                    model(batch["image"].to(device), ids, am)
+                for store, feat in zip(per_layer, captured):
+                    store.append(feat.cpu())
+                lang = model.text_encoder(ids, am.bool()).float()
+                sentences.append(masked_pool(lang, am.bool()).cpu())
+                for i in batch["index"].tolist():
+                    for name, words in PROBE_WORDS.items():
+                        labels[name].append(word_label(ds.samples[i].sentence, words))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    feats = torch.stack([torch.cat(s) for s in per_layer]).double()
+    return feats, torch.cat(sentences).double(), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def _standardise(fit: torch.Tensor, test: torch.Tensor) -> tuple:
+    mu, sd = fit.mean(0), fit.std(0).clamp_min(1e-6)
+    return (fit - mu) / sd, (test - mu) / sd
+
+
+def linear_probe_accuracy(x_fit, y_fit, x_test, y_test, num_classes: int, l2: float = 1e-2) -> float:
+    """Multinomial logistic regression (L-BFGS, L2 ``l2``) fitted on (x_fit, y_fit); test accuracy."""
+    x_fit, x_test = _standardise(x_fit, x_test)
+    w = torch.zeros(x_fit.shape[1] + 1, num_classes, dtype=x_fit.dtype, requires_grad=True)
+    ones = lambda x: torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # noqa: E731
+    a_fit, a_test = ones(x_fit), ones(x_test)
+    opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a_fit @ w, y_fit) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(((a_test @ w).argmax(1) == y_test).double().mean())
+
+
+def ridge_cosine(x_fit, t_fit, x_test, t_test, l2: float = 10.0) -> float:
+    """Ridge regression x → t fitted on the fit set; mean cosine(prediction, t) on the test set."""
+    x_fit, x_test = _standardise(x_fit, x_test)
+    mu = t_fit.mean(0)
+    a = x_fit.T @ x_fit + l2 * torch.eye(x_fit.shape[1], dtype=x_fit.dtype)
+    w = torch.linalg.solve(a, x_fit.T @ (t_fit - mu))
+    pred = x_test @ w + mu
+    return float(torch.nn.functional.cosine_similarity(pred, t_test, dim=1).mean())
+
+
+def probe_layers(model, refer, cfg: dict, tokenizer, device) -> dict:
+    """Per-layer probe scores: ``{"colour": [acc per layer], "shape": …, "spatial": …,
+    "sentence_cosine": […], "majority": {probe: test accuracy of the majority class}}``."""
+    f_fit, s_fit, y_fit = layer_features(model, refer, PROBE_FIT_SPLITS, cfg, tokenizer, device)
+    f_test, s_test, y_test = layer_features(model, refer, PROBE_TEST_SPLITS, cfg, tokenizer, device)
+    out: dict = {"majority": {}}
+    for name, words in PROBE_WORDS.items():
+        k = len(words) + 1
+        out[name] = [linear_probe_accuracy(f_fit[l], y_fit[name], f_test[l], y_test[name], k)
+                     for l in range(len(f_fit))]
+        majority = torch.bincount(y_fit[name], minlength=k).argmax()
+        out["majority"][name] = float((y_test[name] == majority).double().mean())
+    out["sentence_cosine"] = [ridge_cosine(f_fit[l], s_fit, f_test[l], s_test) for l in range(len(f_fit))]
+    return out
+
+
+def run_one(variant: str, seed: int, overrides: list, work_dir: Path) -> dict:
+    """Train one variant with one seed; its val metrics (easy/hard, by kind), probe and timing."""
+    from crformer.train import Trainer
+
+    cfg = load_config(None, STUDY + VARIANTS[variant] + list(overrides) +
+                      [f"train.seed={seed}", f"train.out_dir={work_dir / f'{variant}-s{seed}'}"])
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    model, device = trainer.model, trainer.device
+    metrics = {split: evaluate_split(model, trainer.refer, split, cfg, trainer.tokenizer, device)
+               for split in METRIC_SPLITS}
+    probe = probe_layers(model, trainer.refer, cfg, trainer.tokenizer, device)
+    return {"variant": variant, "seed": seed, "overrides": STUDY + VARIANTS[variant] + list(overrides),
+            "metrics": {s: {"overall": r["overall"], "by_kind": r["by_kind"]} for s, r in metrics.items()},
+            "probe": probe, "seconds": round(time.perf_counter() - start, 1), "steps": trainer.step}
+
+
+def run_and_save(variant: str, seed: int, overrides: list, work_dir: str, path: str) -> dict:
+    """:func:`run_one`, its result written atomically to ``path`` (a worker-process entry point)."""
+    from crformer.cli import quiet_libraries
+
+    quiet_libraries()
+    result = run_one(variant, seed, overrides, Path(work_dir))
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
+def _mean_std(values: list) -> tuple:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(runs: list) -> dict:
+    """Mean ± std over seeds of every reported number, per variant (in VARIANTS order)."""
+    out: dict = {}
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
+        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        row: dict = {"seeds": [r["seed"] for r in rs], "metrics": {}, "probe": {}}
+        for split in METRIC_SPLITS:
+            for key in ("oIoU", "mIoU"):
+                row["metrics"][f"{split}/{key}"] = _mean_std([r["metrics"][split]["overall"][key] for r in rs])
+            for kind in rs[0]["metrics"][split]["by_kind"]:
+                if len(rs[0]["metrics"][split]["by_kind"]) > 1:
+                    row["metrics"][f"{split}/{kind}/mIoU"] = _mean_std(
+                        [r["metrics"][split]["by_kind"][kind]["mIoU"] for r in rs])
+        for name in list(PROBE_WORDS) + ["sentence_cosine"]:
+            per_seed = np.asarray([r["probe"][name] for r in rs], dtype=float)  # seeds × layers
+            row["probe"][name] = [_mean_std(per_seed[:, l]) for l in range(per_seed.shape[1])]
+        row["majority"] = rs[0]["probe"]["majority"]
+        row["minutes_per_run"] = float(np.mean([r["seconds"] for r in rs])) / 60
+        out[variant] = row
+    return out
+
+
+def _pm(ms: tuple, scale: float = 100.0) -> str:
+    return f"{scale * ms[0]:.1f} ± {scale * ms[1]:.1f}"
+
+
+def tables_markdown(agg: dict) -> str:
+    """The metric table and the per-layer probe table, as markdown."""
+    keys = list(next(iter(agg.values()))["metrics"])
+    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for v, row in agg.items():
+        lines.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(_pm(row["metrics"][k]) for k in keys) + " |")
+    lines += ["", "Per-layer probe on the test splits (layer 0 = QGM queries; accuracy % / cosine × 100):", ""]
+    probes = list(PROBE_WORDS) + ["sentence_cosine"]
+    lines.append("| variant | layer | " + " | ".join(probes) + " |")
+    lines.append("|---|---|" + "---|" * len(probes))
+    for v, row in agg.items():
+        for layer in range(len(row["probe"]["colour"])):
+            lines.append(f"| {v} | {layer} | " + " | ".join(_pm(row["probe"][p][layer]) for p in probes) + " |")
+    majority = next(iter(agg.values()))["majority"]
+    lines += ["", "Majority-class accuracy of each word probe: " +
+              ", ".join(f"{k} {100 * v:.1f}" for k, v in majority.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: dict, out: Path) -> None:
+    """``metrics.png`` (val mIoU/oIoU per variant, error bars = std over seeds) and ``probe.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(agg)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    width = 0.38
+    for ax, key in zip(axes, ("mIoU", "oIoU")):
+        for j, split in enumerate(METRIC_SPLITS):
+            ms = [agg[v]["metrics"][f"{split}/{key}"] for v in variants]
+            ax.bar(np.arange(len(variants)) + (j - 0.5) * width, [100 * m for m, _ in ms], width,
+                   yerr=[100 * s for _, s in ms], capsize=3, label=split)
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_title(f"val {key} (%), mean ± std over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+
+    probes = list(PROBE_WORDS) + ["sentence_cosine"]
+    fig, axes = plt.subplots(1, len(probes), figsize=(4 * len(probes), 3.6))
+    for ax, name in zip(axes, probes):
+        for v in variants:
+            ms = agg[v]["probe"][name]
+            ax.errorbar(range(len(ms)), [100 * m for m, _ in ms], yerr=[100 * s for _, s in ms], marker="o",
+                        capsize=3, label=v)
+        if name in agg[variants[0]]["majority"]:
+            ax.axhline(100 * agg[variants[0]]["majority"][name], color="grey", ls=":", label="majority class")
+        ax.set_title(f"{name} word probe (test acc. %)" if name != "sentence_cosine"
+                     else "sentence feature read-out (cos × 100)")
+        ax.set_xlabel("layer (0 = QGM)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "probe.png", dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path) -> dict:
+    """Aggregate every run file under ``out/runs`` into results.json, tables.md and the plots."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    if not runs:
+        raise UserError(f"no finished runs under {out / 'runs'}")
+    agg = aggregate(runs)
+    (out / "results.json").write_text(json.dumps(agg, indent=1))
+    (out / "tables.md").write_text(tables_markdown(agg))
+    plot(agg, out)
+    return agg
+
+
+def _int_list(text: str) -> list:
+    return [int(t) for t in text.split(",")]
+
+
+def _variant_list(text: str) -> list:
+    names = text.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def main(argv=None) -> None:
+    from crformer.cli import quiet_libraries
+
+    p = argparse.ArgumentParser(prog="python -m crformer.ablate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="docs/ablations", help="results folder (run files, tables, plots)")
+    p.add_argument("--work-dir", default="runs/ablation", help="checkpoints and logs of the runs")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    p.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (default 2)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already have a result file")
+    p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from run files")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on top of the study's")
+    a = p.parse_args(argv)
+    quiet_libraries()
+    out = Path(a.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        todo = [(v, s) for v in a.variants for s in a.seeds]
+        pending = []
+        for variant, seed in todo:
+            path = out / "runs" / f"{variant}-s{seed}.json"
+            if path.is_file() and not a.force:
+                print(f"{variant} seed {seed}: done already ({path})", flush=True)
+            else:
+                pending.append((variant, seed, a.overrides, a.work_dir, str(path)))
+        # Each run in its own process (spawned, so no state leaks between runs), a.jobs at a time.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(run_and_save, *job): job for job in pending}
+            for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                variant, seed = futures[fut][:2]
+                result = fut.result()
+                m = result["metrics"]
+                print(f"[{n}/{len(pending)}] {variant} seed {seed}: val mIoU easy "
+                      f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
+                      f"  ({result['seconds']:.0f} s)", flush=True)
+    agg = report(out)
+    print(tables_markdown(agg))
+    print(f"wrote {out / 'results.json'}, {out / 'tables.md'}, {out / 'metrics.png'}, {out / 'probe.png'}")
+
+
+if __name__ == "__main__":
+    from crformer.cli import run
+
+    run(main)

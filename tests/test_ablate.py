@@ -1,0 +1,76 @@
+"""The ablation runner: probe helpers on known answers, and the whole study on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from crformer import ablate
+from crformer.ablate import PROBE_WORDS, linear_probe_accuracy, ridge_cosine, word_label
+
+
+def test_word_label_finds_the_first_word_or_none():
+    colour, shape, spatial = PROBE_WORDS["colour"], PROBE_WORDS["shape"], PROBE_WORDS["spatial"]
+    assert word_label("the leftmost red circle", colour) == colour.index("red")
+    assert word_label("the leftmost red circle", spatial) == spatial.index("leftmost")
+    s = "the square above the green circle"
+    assert word_label(s, shape) == shape.index("square")
+    assert word_label(s, colour) == colour.index("green")
+    assert word_label(s, spatial) == spatial.index("above")
+    assert word_label("the small purple shape right of the star", spatial) == spatial.index("right of")
+    assert word_label("the star", colour) == len(colour)  # none
+    assert word_label("the starry thing", shape) == len(shape)  # whole words only
+
+
+def test_linear_probe_separates_separable_classes_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = centres[y] + torch.randn(400, 16, generator=g, dtype=torch.float64)
+    assert linear_probe_accuracy(x[:200], y[:200], x[200:], y[200:], 4) > 0.95
+    noise = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    assert linear_probe_accuracy(noise[:200], y[:200], noise[200:], y[200:], 4) < 0.45
+
+
+def test_ridge_cosine_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    t = x @ w + 3.0
+    assert ridge_cosine(x[:200], t[:200], x[200:], t[200:], l2=1e-6) > 0.999
+    unrelated = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    assert ridge_cosine(x[:200], unrelated[:200], x[200:], unrelated[200:]) < 0.3
+
+
+def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--out", str(out), "--work-dir", str(work), "--seeds", "0,1", "--variants", "plain,crformer-nq16",
+            *tiny, "train.epochs=1"]
+    ablate.main(args)
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert runs == ["crformer-nq16-s0.json", "crformer-nq16-s1.json", "plain-s0.json", "plain-s1.json"]
+    agg = json.loads((out / "results.json").read_text())
+    assert list(agg) == ["crformer-nq16", "plain"]  # the VARIANTS order
+    for row in agg.values():
+        assert row["seeds"] == [0, 1]
+        for key in ("val_easy/mIoU", "val_hard/oIoU", "val_hard/relational/mIoU"):
+            mean, std = row["metrics"][key]
+            assert 0.0 <= mean <= 1.0 and std >= 0.0
+        # layer 0 (QGM) + the tiny model's 2 decoder layers
+        assert all(len(row["probe"][p]) == 3 for p in ("colour", "shape", "spatial", "sentence_cosine"))
+    run = json.loads((out / "runs" / "plain-s0.json").read_text())
+    assert "model.calibration=false" in run["overrides"] and "train.epochs=1" in run["overrides"]
+    tables = (out / "tables.md").read_text()
+    assert "| plain | 2 |" in tables and "| crformer-nq16 | 0 |" in tables
+    assert (out / "metrics.png").stat().st_size > 1000 and (out / "probe.png").stat().st_size > 1000
+
+    # Same seed → the same numbers (training is deterministic), and finished runs are skipped.
+    (out / "runs" / "plain-s0.json").unlink()
+    capsys.readouterr()
+    ablate.main(args)
+    assert "done already" in capsys.readouterr().out
+    again = json.loads((out / "runs" / "plain-s0.json").read_text())
+    assert again["metrics"] == run["metrics"] and again["probe"] == run["probe"]
+    ablate.main(["--out", str(out), "--report-only"])
+    assert (out / "tables.md").read_text() == tables
