@@ -7,7 +7,7 @@ import json
 import torch
 
 from crformer import ablate
-from crformer.ablate import PROBE_WORDS, linear_probe_accuracy, ridge_cosine, word_label
+from crformer.ablate import PROBE_WORDS, linear_probe_accuracy, ridge_r2, word_label
 
 
 def test_word_label_finds_the_first_word_or_none():
@@ -33,14 +33,14 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     assert linear_probe_accuracy(noise[:200], y[:200], noise[200:], y[200:], 4) < 0.45
 
 
-def test_ridge_cosine_recovers_a_linear_map():
+def test_ridge_r2_recovers_a_linear_map_and_not_noise():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 12, generator=g, dtype=torch.float64)
     w = torch.randn(12, 20, generator=g, dtype=torch.float64)
     t = x @ w + 3.0
-    assert ridge_cosine(x[:200], t[:200], x[200:], t[200:], l2=1e-6) > 0.999
+    assert ridge_r2(x[:200], t[:200], x[200:], t[200:], l2=1e-6) > 0.999
     unrelated = torch.randn(300, 20, generator=g, dtype=torch.float64)
-    assert ridge_cosine(x[:200], unrelated[:200], x[200:], unrelated[200:]) < 0.3
+    assert ridge_r2(x[:200], unrelated[:200], x[200:], unrelated[200:]) < 0.05
 
 
 def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
             mean, std = row["metrics"][key]
             assert 0.0 <= mean <= 1.0 and std >= 0.0
         # layer 0 (QGM) + the tiny model's 2 decoder layers
-        assert all(len(row["probe"][p]) == 3 for p in ("colour", "shape", "spatial", "sentence_cosine"))
+        assert all(len(row["probe"][p]) == 3 for p in ("colour", "shape", "spatial", "sentence_r2"))
     run = json.loads((out / "runs" / "plain-s0.json").read_text())
     assert "model.calibration=false" in run["overrides"] and "train.epochs=1" in run["overrides"]
     tables = (out / "tables.md").read_text()
@@ -74,3 +74,6 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     assert again["metrics"] == run["metrics"] and again["probe"] == run["probe"]
     ablate.main(["--out", str(out), "--report-only"])
     assert (out / "tables.md").read_text() == tables
+    # Re-probing from the saved final checkpoints reproduces the inline probe.
+    ablate.main(["--out", str(out), "--work-dir", str(work), "--reprobe"])
+    assert json.loads((out / "runs" / "plain-s0.json").read_text())["probe"] == again["probe"]
