@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "num_decoder_layers": 3,       # N_d
         "num_heads": 4,
         "ffn_dim": 512,
+        "memory_strides": [32, 16, 8],  # decoder memories, coarse first, cycled by the layers
         "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)

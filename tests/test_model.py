@@ -72,6 +72,25 @@ def test_mask_refinement_starts_as_plain_upsampling(tokens):
         build_model(tiny_cfg("model.mask_stride=3"))
 
 
+@pytest.mark.parametrize("strides", [[16, 8, 4], [32, 8], [4, 4, 8, 16]])
+def test_memory_strides_choose_the_decoder_memories(strides, tokens):
+    """Layer j attends to the memory at strides[j mod len]; each memory has that stride's size."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(f"model.memory_strides={strides}", f"model.num_decoder_layers={len(strides)}")
+    model = build_model(cfg).train()
+    sizes = []
+    for layer in model.decoder.layers:
+        layer.cross.register_forward_hook(lambda m, i, o: sizes.append(i[1].shape[1]))
+    ids, mask = tokens
+    out = model(torch.randn(3, 3, 32, 32), ids, mask)
+    assert sizes == [(32 // s) ** 2 for s in strides]
+    terms = crformer_loss(out, (torch.rand(3, 32, 32) > 0.5).float(), cfg["loss"])
+    terms["total"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(UserError, match="memory_strides"):
+        build_model(tiny_cfg("model.memory_strides=[64]"))
+
+
 def test_few_steps_on_a_fixed_batch_lower_the_loss(tokens):
     torch.manual_seed(0)
     cfg = tiny_cfg()

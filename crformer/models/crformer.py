@@ -32,12 +32,13 @@ class CRFormer(nn.Module):
         self.text_encoder = TextEncoder(m["text_encoder"], m["text_finetune"], m["text_trainable_layers"])
         C_l = self.text_encoder.dim
         self.backbone = SwinVLFEncoder(m["backbone"], d["image_size"], C_l, m["vlf_heads"], backend)
-        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, min(3, m["num_decoder_layers"]), m["mask_stride"])
+        memory_strides = list(m["memory_strides"])[: m["num_decoder_layers"]]
+        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, memory_strides, m["mask_stride"], self.backbone.strides)
         self.lang_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
         self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)
         self.decoder = CalibrationDecoder(D, m["num_decoder_layers"], m["num_heads"], m["ffn_dim"],
-                                          m["num_queries"], m["calibration"], backend,
+                                          m["num_queries"], m["calibration"], backend, len(memory_strides),
                                           fold_keys=m["fold_decoder_attention"])
         self.mask_head = MaskHead(D, PixelDecoder.detail_dim if m["mask_stride"] < 4 else 0)
         self.lrm = (LanguageReconstructionModule(D, C_l, d["max_tokens"], m["num_heads"], backend)

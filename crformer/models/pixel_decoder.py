@@ -26,11 +26,11 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
 
 
 class PixelDecoder(nn.Module):
-    """``forward(maps, images)`` with maps at strides 4, 8, 16, 32 (channels ``in_dims``) and the
-    B×3×S×S images → ``(memories, pixel_embedding, detail)``: memories = [B×D×S/32², B×D×S/16²,
-    B×D×S/8²] (coarse first, the order the decoder layers cycle through; only the first
-    ``num_memories`` are built, so a shallow decoder leaves no unused weights), pixel_embedding
-    B×D×(S/4)×(S/4), and detail B×C_d×(S/s)×(S/s) or None.
+    """``forward(maps, images)`` with maps at ``strides`` (4, 8, 16, 32; channels ``in_dims``) and
+    the B×3×S×S images → ``(memories, pixel_embedding, detail)``: memories = one B×D×(S/s)² map per
+    stride s of ``memory_strides`` (paper: 32, 16, 8 — coarse first, the order the decoder layers
+    cycle through; pass only the ones used, so a shallow decoder leaves no unused weights),
+    pixel_embedding B×D×(S/4)×(S/4), and detail B×C_d×(S/s)×(S/s) or None.
 
     ``mask_stride`` s = 4 is the paper's design (masks at the finest backbone level; detail None).
     s = 2 or 1 adds a light two-conv stem over the image at that stride (``detail_dim`` channels)
@@ -40,15 +40,19 @@ class PixelDecoder(nn.Module):
 
     detail_dim = 32
 
-    def __init__(self, in_dims: list, dim: int, num_memories: int = 3, mask_stride: int = 4):
+    def __init__(self, in_dims: list, dim: int, memory_strides=(32, 16, 8), mask_stride: int = 4,
+                 strides=(4, 8, 16, 32)):
         super().__init__()
         if mask_stride not in (1, 2, 4):
             raise UserError(f"model.mask_stride must be 1, 2 or 4, got {mask_stride!r}")
+        bad = [s for s in memory_strides if s not in strides]
+        if bad or not memory_strides:
+            raise UserError(f"model.memory_strides must be backbone strides {list(strides)}; got {list(memory_strides)}")
         self.mask_stride = mask_stride
         # +2 input channels: normalised x/y coordinates. Swin features carry no absolute position,
         # and "the leftmost ..." / "... above the ..." need it in the memories and the pixel embedding.
         self.lateral = nn.ModuleList(conv_gn_relu(c + 2, dim, 1) for c in in_dims)
-        self.memory_levels = [3, 2, 1][:num_memories]
+        self.memory_levels = [list(strides).index(s) for s in memory_strides]
         self.output = nn.ModuleDict({str(i): conv_gn_relu(dim, dim, 3) for i in [0] + self.memory_levels})
         self.pixel_proj = nn.Conv2d(dim, dim, 1)
         self.detail = None
