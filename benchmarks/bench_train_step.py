@@ -3,6 +3,7 @@
     python benchmarks/bench_train_step.py                 # paper model, 480², B = 8 (GPU; slow on CPU)
     python benchmarks/bench_train_step.py --quick         # CPU: TINY model at 32² (< 30 s)
     python benchmarks/bench_train_step.py --bert PATH     # text encoder folder (default: minilm)
+    python benchmarks/bench_train_step.py --embedded      # the default config (README command 1): 64², B = 32
 
 The model is ``configs/refcoco_swinb.yaml`` (Swin-B, D = 256, 16 queries, 3 decoder layers, LRM)
 with random weights: ``model.backbone.weights=null`` and ``model.text_encoder=minilm`` (the embedded
@@ -77,7 +78,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(ap)
     ap.add_argument("--bert", default=None, help="local text-encoder folder (config.json + weights)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 8 (paper model), 32 (--embedded)")
+    ap.add_argument("--embedded", action="store_true",
+                    help="the embedded default config (64² synthetic model, its train.amp) instead of the paper model")
     ap.add_argument("--backends", default=None, help="comma list (default: triton,reference,sdpa on CUDA)")
     args = ap.parse_args(argv)
     dev = common.setup(args)
@@ -91,8 +94,13 @@ def main(argv=None):
         print("CPU-only: reference and sdpa backends; triton needs CUDA")
     te, te_note = text_encoder_path(args.bert)
     overrides = [f"model.text_encoder={te}", "model.backbone.weights=null"]
-    B = args.batch_size
-    if args.quick and not dev.cuda:
+    B = args.batch_size or (32 if args.embedded else 8)
+    config, amp = str(CONFIG), "auto"
+    if args.embedded:
+        config, amp = None, load_config()["train"]["amp"]
+        overrides = [f"model.text_encoder={te}"]
+        shape_note = f"embedded default config (README command 1 model) at 64², B={B}, train.amp={amp}"
+    elif args.quick and not dev.cuda:
         overrides += QUICK_MODEL
         B = min(B, 2)
         shape_note = f"--quick on CPU: TINY model (tests/conftest.py TINY_MODEL: Swin 16 wide, D=32) at 32², B={B}"
@@ -102,13 +110,13 @@ def main(argv=None):
                 else (["triton", "reference", "sdpa"] if dev.cuda else ["reference", "sdpa"]))
     warmup, reps = (1, 3) if args.quick else (3, 10)
     notes = [shape_note, te_note, "random weights; AdamW(lr 5e-5, wd 1e-2); "
-             + ("bf16 autocast" if dev.cuda else "fp32"),
+             + ("bf16 autocast" if dev.cuda or amp == "bf16" else "fp32"),
              f"median of {reps} steps after {warmup} warm-up; peak MB = one more step, above the allocation before it"]
     if not dev.cuda:
         notes.insert(0, "CPU-only run: reference and sdpa backends only; shared CPU, numbers are noisy")
     rows: list[dict] = []
     for name in backends:
-        cfg = load_config(str(CONFIG), overrides + [f"model.attn_backend={name}"])
+        cfg = load_config(config, overrides + [f"model.attn_backend={name}"])
         S, L = cfg["data"]["image_size"], cfg["data"]["max_tokens"]
         torch.manual_seed(0)
         model = build_model(cfg).to(dev.device).train()
@@ -117,7 +125,7 @@ def main(argv=None):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-2)
 
         def step(model=model, opt=opt):
-            with autocast_context(dev.device, "auto"):
+            with autocast_context(dev.device, amp):
                 out = model(images, ids, mask)
                 loss = crformer_loss(out, target, cfg["loss"])["total"]
             opt.zero_grad(set_to_none=True)
