@@ -142,9 +142,19 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
     return cfg
 
 
+#: Keys added after checkpoints already existed, with the value that reproduces the model those
+#: checkpoints were trained with (their default changed when the key arrived).
+PRE_KEY_VALUES: dict = {("model", "mask_stride"): 4}
+
+
 def merge_config(cfg: dict, overrides: list[str] | tuple = ()) -> dict:
-    """A copy of ``cfg`` (e.g. from a checkpoint) with ``key=value`` overrides applied."""
+    """A copy of ``cfg`` (e.g. from a checkpoint) with ``key=value`` overrides applied. Keys the saved
+    config lacks take the current defaults, except :data:`PRE_KEY_VALUES`, which take the value
+    that rebuilds the model as it was before the key existed."""
     out = copy.deepcopy(DEFAULTS)
+    for (section, key), value in PRE_KEY_VALUES.items():
+        if key not in cfg.get(section, {}):
+            out[section][key] = value
     _merge(out, copy.deepcopy(cfg))
     for o in overrides:
         _merge(out, parse_override(o))

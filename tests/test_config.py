@@ -58,3 +58,11 @@ def test_paper_configs_load(tmp_path):
         assert cfg["model"]["backbone"]["window_size"] == 12
         assert cfg["train"]["lr"] == pytest.approx(5e-5) and cfg["train"]["epochs"] == 40
         assert cfg["train"]["batch_size"] == 32
+
+
+def test_checkpoint_config_without_a_later_key_rebuilds_the_old_model():
+    saved = load_config()
+    del saved["model"]["mask_stride"]  # a checkpoint written before model.mask_stride existed
+    assert merge_config(saved)["model"]["mask_stride"] == 4
+    assert merge_config(saved, ["model.mask_stride=2"])["model"]["mask_stride"] == 2
+    assert merge_config(load_config())["model"]["mask_stride"] == DEFAULTS["model"]["mask_stride"]
