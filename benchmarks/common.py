@@ -5,9 +5,14 @@ each output written once — divided by the HBM bandwidth. Caches, recomputation
 tensors are not counted, so "% of floor" = floor time / measured time says how far an implementation
 is from a perfectly fused, bandwidth-bound one (100% = at the floor).
 
-Timing: on CUDA ``triton.testing.do_bench`` (CUDA events, median, warm-up; it also zeroes a 256 MB
-buffer before every call, which evicts L2) plus input rotation for small inputs; on CPU
-``time.perf_counter`` median after warm-up. CPU numbers on the shared development machine are noisy.
+Timing: on CUDA two numbers per row. "median ms" is ``triton.testing.do_bench`` on the eager call
+(CUDA events, median, warm-up; it zeroes a 256 MB buffer before every call, which evicts L2): what a
+caller sees, including host-side launch cost whenever the GPU finishes before Python has issued the
+next kernel, which is the case for most single attention calls here (tens of µs of GPU work against
+tens to hundreds of µs of dispatch). "graph ms" replays the same calls from a CUDA graph
+(``do_bench_cudagraph``): the GPU time of the kernels alone, what a GPU-bound training step pays.
+Input rotation (copies > 2× L2) keeps the graph numbers out of L2 for all but the smallest cases. On
+CPU ``time.perf_counter`` median after warm-up; CPU numbers on the shared development machine are noisy.
 """
 
 from __future__ import annotations
@@ -106,6 +111,13 @@ def time_ms(fn: Callable[[], object], dev: Device, quick: bool = False) -> float
     return statistics.median(times) * 1e3
 
 
+def time_graph_ms(fn: Callable[[], object], quick: bool = False) -> float:
+    """Median GPU time per ``fn()`` in ms, replayed from a CUDA graph of unrolled calls (no host cost)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=10 if quick else 25, return_mode="median"))
+
+
 def time_events_ms(fn: Callable[[], object], dev: Device, warmup: int = 3, reps: int = 10) -> float:
     """Median of per-call times for long calls (a training step): CUDA events or perf_counter."""
     for _ in range(warmup):
@@ -157,15 +169,18 @@ def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def attention_bytes(B, H, M, N, d, es, masked: bool, backward: bool, short_max_n: int = 64) -> tuple[int, int]:
+def attention_bytes(B, H, M, N, d, es, masked: bool, backward: bool, short_max_n: int = 64,
+                    kv_same: bool = False) -> tuple[int, int]:
     """(forward bytes, backward bytes) of ``cross_attention`` that any implementation must move.
 
     forward: read q (B·H·M·d), k and v (B·H·N·d each), the B×N bool mask; write o (B·H·M·d).
     backward: read q, k, v, dO, mask; for long keys (N > 64, flash regime) also O and the fp32
     log-sum-exp (B·H·M) — the short-key regime recomputes P and saves neither; write dq, dk, dv.
+    ``kv_same``: k and v are one tensor (the folded decoder attention reads the memory as both), so
+    it is read once and one gradient is written for it.
     """
     q = B * H * M * d * es
-    kv = 2 * B * H * N * d * es
+    kv = (1 if kv_same else 2) * B * H * N * d * es
     mask = B * N if masked else 0
     fwd = q + kv + mask + q
     if not backward:
@@ -193,28 +208,43 @@ def fmt(v, spec: str, none: str = "—") -> str:
 
 
 def finish_rows(rows: list[dict], dev: Device, group_keys=("case", "pass")) -> None:
-    """Fill GB/s, % of floor and speed-up over the best peer (best *other* backend, same case/pass)."""
+    """Fill GB/s, % of floor and speed-up over the best peer (best *other* backend, same case/pass),
+    for the eager time and, where measured, for the graph time (``graph_`` prefix)."""
     for r in rows:
-        ms = r.get("ms")
-        r["GBps"] = r["bytes"] / (ms * 1e-3) / 1e9 if ms and r.get("bytes") else None
         r["floor_us"] = r["bytes"] / dev.bandwidth * 1e6 if dev.bandwidth and r.get("bytes") else None
-        r["pct_floor"] = 100 * r["floor_us"] / (ms * 1e3) if r["floor_us"] and ms else None
+        for pre in ("", "graph_"):
+            ms = r.get(pre + "ms")
+            r[pre + "GBps"] = r["bytes"] / (ms * 1e-3) / 1e9 if ms and r.get("bytes") else None
+            r[pre + "pct_floor"] = 100 * r["floor_us"] / (ms * 1e3) if r["floor_us"] and ms else None
     groups: dict = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in group_keys), []).append(r)
     for g in groups.values():
         for r in g:
-            peers = [o["ms"] for o in g if o is not r and o.get("ms")]
-            r["speedup_vs_best_peer"] = (min(peers) / r["ms"]) if peers and r.get("ms") else None
+            for pre in ("", "graph_"):
+                peers = [o[pre + "ms"] for o in g if o is not r and o.get(pre + "ms")]
+                mine = r.get(pre + "ms")
+                r[pre + "speedup_vs_best_peer"] = min(peers) / mine if peers and mine else None
 
 
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("pass", "pass", "s"), ("ms", "median ms", ".4f"),
            ("GBps", "GB/s", ".1f"), ("pct_floor", "% floor", ".1f"), ("speedup_vs_best_peer", "× best peer", ".2f"),
            ("peak_MB", "peak MB", ".1f")]
+GRAPH_COLUMNS = [("graph_ms", "graph ms", ".4f"), ("graph_pct_floor", "% floor (graph)", ".1f"),
+                 ("graph_speedup_vs_best_peer", "× best peer (graph)", ".2f")]
+
+
+def columns_for(rows: list[dict], columns=COLUMNS) -> list[tuple]:
+    """``columns`` plus the graph-timing columns when any row has a graph time (CUDA runs)."""
+    columns = list(columns)
+    if any(r.get("graph_ms") for r in rows):
+        columns += [c for c in GRAPH_COLUMNS if c not in columns]
+    return columns
 
 
 def table(rows: list[dict], columns=COLUMNS) -> str:
     """Markdown table (also readable on a terminal); a failed or skipped row shows its note."""
+    columns = columns_for(rows, columns)
     head = "| " + " | ".join(h for _, h, _ in columns) + " | note |"
     sep = "|" + "|".join("---" for _ in range(len(columns) + 1)) + "|"
     lines = [head, sep]
@@ -228,18 +258,29 @@ def run_case(rows: list[dict], dev: Device, case: str, backend: str, passname: s
              nbytes_: int, quick: bool, extra: Optional[dict] = None, timer=time_ms) -> dict:
     """Time ``fn`` (errors become a note, never a crash) and append the row."""
     row = {"case": case, "backend": backend, "pass": passname, "bytes": nbytes_, "ms": None, "peak_MB": None,
-           **(extra or {})}
+           "graph_ms": None, **(extra or {})}
     try:
         row["ms"] = timer(fn, dev, quick) if timer is time_ms else timer(fn, dev)
         row["peak_MB"] = peak_mb(fn, dev)
     except Exception as e:  # a peer that cannot run this shape: record why and go on
-        row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row["note"] = f"error: {_first_line(e)}"
         if dev.cuda:
             torch.cuda.synchronize()
+    if dev.cuda and timer is time_ms and row["ms"] is not None:
+        try:
+            row["graph_ms"] = time_graph_ms(fn, quick)
+        except Exception as e:  # e.g. a peer that syncs with the host cannot be captured
+            row["note"] = f"graph: {_first_line(e)}"
+            torch.cuda.synchronize()
     rows.append(row)
-    ms = fmt(row["ms"], ".4f")
-    print(f"  {case:<28} {backend:<18} {passname:<8} {ms:>10} ms {row.get('note', '')}", flush=True)
+    ms, gms = fmt(row["ms"], ".4f"), fmt(row["graph_ms"], ".4f")
+    graph = f" (graph {gms} ms)" if dev.cuda else ""
+    print(f"  {case:<28} {backend:<18} {passname:<8} {ms:>10} ms{graph} {row.get('note', '')}", flush=True)
     return row
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def skip(rows: list[dict], case: str, backend: str, passname: str, why: str) -> None:
@@ -267,6 +308,7 @@ def setup(args) -> Device:
 def save(out_dir: str, dev: Device, section: str, rows: list[dict], notes: list[str], columns=COLUMNS) -> Path:
     """Merge ``section`` into ``<out_dir>/<slug>-<date>.json`` (other scripts' sections are kept) and
     rewrite the markdown next to it with every section. Returns the JSON path."""
+    columns = columns_for(rows, columns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{dev.slug}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d')}"
@@ -353,17 +395,22 @@ def attention_backends(dev: Device, compiled: bool = True) -> list[tuple[str, Op
 
 
 def bench_attention(rows: list[dict], dev: Device, case: str, B: int, H: int, M: int, N: int, d: int,
-                    mask_lo: Optional[int], quick: bool, compiled: bool = True, seed: int = 0) -> None:
+                    mask_lo: Optional[int], quick: bool, compiled: bool = True, seed: int = 0,
+                    kv_same: bool = False) -> None:
     """Forward and forward+backward of every backend on q B×H×M×d, k/v B×H×N×d; key padding mask
-    with valid lengths in [mask_lo, N], or no mask at all when ``mask_lo`` is None."""
+    with valid lengths in [mask_lo, N], or no mask at all when ``mask_lo`` is None; ``kv_same``
+    passes one tensor as both k and v (the folded decoder cross-attention)."""
     dt, device = dev.dtype, dev.device
     mask = None if mask_lo is None else padding_mask(B, N, mask_lo, device, seed)
-    fwd_b, bwd_b = attention_bytes(B, H, M, N, d, torch.finfo(dt).bits // 8, mask is not None, True)
+    fwd_b, bwd_b = attention_bytes(B, H, M, N, d, torch.finfo(dt).bits // 8, mask is not None, True,
+                                   kv_same=kv_same)
 
     def make():
         g = torch.Generator(device=device).manual_seed(seed)
         q, k, v = (torch.randn(B, H, n, d, generator=g, device=device, dtype=dt).requires_grad_()
                    for n in (M, N, N))
+        if kv_same:
+            v = k
         return q, k, v, torch.randn(B, H, M, d, generator=g, device=device, dtype=dt)
 
     nxt = rotation(make, fwd_b, dev)

@@ -68,6 +68,9 @@ __all__ = ["triton_cross_attention", "SHORT_MAX_N", "KERNEL_TABLE", "KERNELS", "
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 SHORT_MAX_N = 64  # regime (a) holds all keys of a row in one register tile of at most this width
+# Key splits (regime b) and query runs (regime a backward) aim at this many programs per SM: enough
+# to hide memory latency, few enough that the partials stay small (benchmarks/tune_kernels.py).
+PROGRAMS_PER_SM = 2
 _LOG2E = 1.4426950408889634
 
 # --------------------------------------------------------------------------------------------
@@ -618,9 +621,10 @@ def _keep_u8(keep, B, N, device):
 
 
 def _long_splits(n_blocks_other: int, N: int, BLOCK_N: int, device) -> tuple[int, int]:
-    """(n_splits, keys_per_split): about two programs per SM in total, whole key blocks per split."""
+    """(n_splits, keys_per_split): about PROGRAMS_PER_SM programs per SM in total, whole key blocks
+    per split."""
     n_kblocks = triton.cdiv(N, BLOCK_N)
-    want = max(1, min(n_kblocks, triton.cdiv(2 * _num_sms(device), max(1, n_blocks_other))))
+    want = max(1, min(n_kblocks, triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), max(1, n_blocks_other))))
     keys_per_split = triton.cdiv(n_kblocks, want) * BLOCK_N
     return triton.cdiv(N, keys_per_split), keys_per_split
 
@@ -673,9 +677,9 @@ def _backward(do, q, k, v, keep, o, lse, scale):
         cx, opts = _config(_entry("short_bwd", q.dtype), BLOCK_N=N, BLOCK_D=d_pow2)
         n_dc = triton.cdiv(D, cx["BLOCK_D"])
         n_mb = triton.cdiv(M, cx["BLOCK_M"])
-        # About two programs per SM over (chunks × runs × B·H); each run is a contiguous range of
-        # query blocks, so each program writes exactly one dK/dV partial.
-        n_runs = max(1, min(n_mb, triton.cdiv(2 * _num_sms(dev), B * H * n_dc)))
+        # About PROGRAMS_PER_SM programs per SM over (chunks × runs × B·H); each run is a contiguous
+        # range of query blocks, so each program writes exactly one dK/dV partial.
+        n_runs = max(1, min(n_mb, triton.cdiv(PROGRAMS_PER_SM * _num_sms(dev), B * H * n_dc)))
         bpr = triton.cdiv(n_mb, n_runs)
         n_runs = triton.cdiv(n_mb, bpr)
         dq = _alloc((B, H, M, D), q.dtype, dev)
