@@ -6,7 +6,7 @@
 Shapes: B = 32, L = 20, C in {768, 1024} (BERT-base / -large widths), modes mean and max, forward
 and forward+backward. CPU: median wall time over repetitions after warm-up, op and reference timed in
 the same run, ratio = reference / op. CUDA: triton.testing.do_bench (CUDA events, median) with
-inputs rotated through more than L2, plus % of the HBM floor (bytes / 3.0 TB/s, H100 measured copy):
+inputs rotated through more than L2, plus % of the HBM floor (bytes / the card's bandwidth, common.py):
 forward bytes = read x + mask, write out; backward bytes = read grad_out + mask (+ x for max),
 write grad_x.
 """
@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from crformer.ops import pooling
-from crformer.ops.pooling import masked_pool, reference_masked_pool
+import torch  # noqa: E402
 
-HBM_BYTES_PER_S = 3.0e12
-L2_BYTES = 50 * 2**20  # H100 L2; rotate inputs through more than this
+import common  # noqa: E402
+from common import L2_BYTES  # noqa: E402  rotate inputs through more than this
+from crformer.ops import pooling  # noqa: E402
+from crformer.ops.pooling import masked_pool, reference_masked_pool  # noqa: E402
 
 
 def make(B, L, C, dtype, device, seed=0):
@@ -91,8 +94,10 @@ def bench_cpu(configs, dtypes, reps, warmup):
 def bench_cuda(configs, dtypes, quick):
     from triton.testing import do_bench
 
-    dev = torch.cuda.get_device_name()
-    print(f"\n== CUDA ({dev}): do_bench median, inputs rotated through > L2; floor = bytes / 3.0 TB/s ==")
+    dev = common.Device()
+    bandwidth = dev.bandwidth or 3.0e12
+    print(f"\n== CUDA ({dev.name}): do_bench median, inputs rotated through > L2; floor = bytes / "
+          f"{bandwidth / 1e12:.1f} TB/s ({dev.bandwidth_note}) ==")
     peers = {"reference": reference_masked_pool}
     if not quick:
         peers["compiled ref"] = torch.compile(reference_masked_pool, dynamic=False)
@@ -122,7 +127,7 @@ def bench_cuda(configs, dtypes, quick):
                     t_op = do_bench(run(masked_pool), warmup=25 if quick else 100, rep=50 if quick else 200)
                     t_peers = [do_bench(run(fn), warmup=25 if quick else 100, rep=50 if quick else 200)
                                for fn in peers.values()]
-                    floor_us = nbytes / HBM_BYTES_PER_S * 1e6
+                    floor_us = nbytes / bandwidth * 1e6
                     name = "fwd+bwd" if backward else "fwd"
                     dt = str(dtype).replace("torch.", "")
                     print(f"{dt:>8} {C:>5} {mode:>4} {name:>7} | {nbytes / 1e6:6.2f} {floor_us:8.2f} "

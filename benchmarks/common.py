@@ -325,16 +325,23 @@ def save(out_dir: str, dev: Device, section: str, rows: list[dict], notes: list[
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "notes": notes, "columns": [list(c) for c in columns], "rows": rows}
     path.write_text(json.dumps(data, indent=1, default=str))
-    md = [f"# Benchmarks on {dev.name} ({stem})", "", f"torch {data['meta'].get('torch')}, triton "
-          f"{data['meta'].get('triton', '—')}, {data['meta']['dtype']}; floor: {dev.bandwidth_note}", ""]
+    write_markdown(path)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return path
+
+
+def write_markdown(path: Path) -> None:
+    """Render a results JSON (every section) as the markdown file next to it."""
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    md = [f"# Benchmarks on {meta['device']} ({Path(path).stem})", "", f"torch {meta.get('torch')}, triton "
+          f"{meta.get('triton', '—')}, {meta['dtype']}; floor: {meta['bandwidth_note']}", ""]
     for name, sec in data["sections"].items():
         cols = [tuple(c) for c in sec["columns"]]
         md += [f"## {name}", "", f"`{sec['command']}` at {sec['time_utc']}", ""]
         md += [f"- {n}" for n in sec["notes"]] + [""]
         md += [table(sec["rows"], cols), ""]
-    path.with_suffix(".md").write_text("\n".join(md))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    return path
+    Path(path).with_suffix(".md").write_text("\n".join(md))
 
 
 

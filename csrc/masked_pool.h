@@ -43,8 +43,8 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& mask) {
                     x.sizes());
   check_mask(mask, "masked_pool");
   TORCH_CHECK_VALUE(mask.size(0) == x.size(0) && mask.size(1) == x.size(1),
-                    "masked_pool: mask shape ", mask.sizes(), " does not match x's B x L = ",
-                    x.sizes().slice(0, 2));
+                    "masked_pool: mask is ", mask.size(0), " x ", mask.size(1), " but x's B x L is ",
+                    x.size(0), " x ", x.size(1));
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()),
                     "masked_pool: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(mask.device() == x.device(), "masked_pool: mask is on ", mask.device(),

@@ -87,27 +87,36 @@ _LOG2E = 1.4426950408889634
 #            None = no tl.dot.
 # In short_bwd with BLOCK_N < 64 the key-major dK/dV dots have only BLOCK_N rows, so those two
 # dots use mma.sync while the score/dP/dQ dots (64 query rows) use wgmma.
-# Register notes (ptxas, sm_90a): 64-row tiles with 64-wide head-dim chunks fit in 8 warps without
-# spilling (128-wide chunks spill, DESIGN.md §3); the 64-row long-key kernels need 8 warps (4 spill).
+# Tiles, warps and stages of the fp16/bf16 entries are the fastest spill-free candidates of
+# benchmarks/tune_kernels.py on an H200 (2026-11-26, CUDA-graph GPU time on the VLF and CDec shapes;
+# benchmarks/NOTES.md): 4 warps with 2 stages beat 8 warps with 1 in regime (a) (1.3-1.6x), and
+# 128-key blocks beat 64 in regime (b). Candidates that were faster but spilled were not shipped
+# (short_bwd with 128-row tiles; long_fwd with a 256-wide head-dim chunk).
+# Register notes (ptxas, sm_90a): 64-row tiles with 128-wide head-dim chunks fit the forward in 4
+# warps; the backward holds S, dP, dK and dV, so it stays at 64-wide chunks; the 64-row long-key
+# kernels need 8 warps (4 spill).
 # The fp32 FMA dot keeps whole operand rows in registers, so fp32 entries use 32-wide head-dim
 # chunks and 32/16-row query tiles (64-row fp32 tiles spill).
 # --------------------------------------------------------------------------------------------
 _LOWP = ("fp16", "bf16")
 KERNEL_TABLE = {
     # regime (a) forward / backward; BLOCK_N = smallest shipped power of two >= N.
-    "short_fwd": dict(kernel="short_fwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32, 64), "BLOCK_D": (32, 64)},
-                      fixed={"BLOCK_M": 64}, num_warps=8, num_stages=1, mma="wgmma"),
+    "short_fwd": dict(kernel="short_fwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32, 64), "BLOCK_D": (32, 64, 128)},
+                      fixed={"BLOCK_M": 64}, num_warps=4, num_stages=2, mma="wgmma"),
     "short_fwd_fp32": dict(kernel="short_fwd", dtypes=("fp32",), choices={"BLOCK_N": (16, 32, 64)},
                            fixed={"BLOCK_M": 32, "BLOCK_D": 32}, num_warps=8, num_stages=1, mma="fma"),
-    "short_bwd": dict(kernel="short_bwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32, 64), "BLOCK_D": (32, 64)},
-                      fixed={"BLOCK_M": 64}, num_warps=8, num_stages=1, mma="wgmma"),
+    "short_bwd": dict(kernel="short_bwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32), "BLOCK_D": (32, 64)},
+                      fixed={"BLOCK_M": 64}, num_warps=4, num_stages=2, mma="wgmma"),
+    # 33-64 keys: the 4-warp tile spills under triton 3.6's ptxas (not 3.8's), so 8 warps, 1 stage.
+    "short_bwd_n64": dict(kernel="short_bwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
+                          fixed={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1, mma="wgmma"),
     "short_bwd_fp32": dict(kernel="short_bwd", dtypes=("fp32",), choices={"BLOCK_N": (16, 32, 64)},
                            fixed={"BLOCK_M": 32, "BLOCK_D": 32}, num_warps=8, num_stages=1, mma="fma"),
     # regime (b) forward split: 16-row tile for the CDec shape (M <= 16), 64-row tile for large M.
     "long_fwd_m16": dict(kernel="long_fwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                         fixed={"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2, mma="mma"),
-    "long_fwd_m64": dict(kernel="long_fwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                         fixed={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2, mma="wgmma"),
+                         fixed={"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1, mma="mma"),
+    "long_fwd_m64": dict(kernel="long_fwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64, 128)},
+                         fixed={"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3, mma="wgmma"),
     "long_fwd_fp32": dict(kernel="long_fwd", dtypes=("fp32",), choices={},
                           fixed={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2, mma="fma"),
     # log-sum-exp combine of the split partials, and delta = rowsum(dO ⊙ O): no dot.
@@ -149,10 +158,13 @@ def shipped_configs():
                 yield entry, spec["kernel"], dt, cx, spec["num_warps"], spec["num_stages"], spec["mma"]
 
 
-def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None) -> str:
-    """Table entry for kernel family ``base`` at this dtype (and query count, long-key regime)."""
+def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[int] = None) -> str:
+    """Table entry for kernel family ``base`` at this dtype (and query count, long-key regime; key
+    count, short-key backward)."""
     if dtype == torch.float32 and base + "_fp32" in KERNEL_TABLE:
         return base + "_fp32"
+    if base + "_n64" in KERNEL_TABLE:
+        return base + ("_n64" if N > 32 else "")
     if base + "_m16" in KERNEL_TABLE:
         return base + ("_m16" if M <= 16 else "_m64")
     return base
@@ -674,7 +686,7 @@ def _backward(do, q, k, v, keep, o, lse, scale):
     qk_scale = scale * _LOG2E
     d_pow2 = triton.next_power_of_2(D)
     if N <= SHORT_MAX_N:
-        cx, opts = _config(_entry("short_bwd", q.dtype), BLOCK_N=N, BLOCK_D=d_pow2)
+        cx, opts = _config(_entry("short_bwd", q.dtype, N=N), BLOCK_N=N, BLOCK_D=d_pow2)
         n_dc = triton.cdiv(D, cx["BLOCK_D"])
         n_mb = triton.cdiv(M, cx["BLOCK_M"])
         # About PROGRAMS_PER_SM programs per SM over (chunks × runs × B·H); each run is a contiguous

@@ -82,7 +82,10 @@ class TextEncoder(nn.Module):
         path = resolve_text_encoder_path(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.bert = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+            # fp32 master weights whatever the file stores (a half-precision export would otherwise
+            # load as half under transformers' dtype="auto"); bf16 comes from autocast.
+            self.bert = AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                  add_pooling_layer=False).float()
         self.name = name
         self.dim = self.bert.config.hidden_size
         self.finetune = finetune

@@ -207,12 +207,13 @@ def test_non_contiguous(N, monkeypatch):
     got = _fwd_bwd(triton_cross_attention, q, k, v, mask, do, None)
     want = _fwd_bwd(triton_cross_attention, q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous(),
                     do.contiguous(), None)
-    for x, y in zip(got, want):
-        assert torch.equal(x, y)
     ref = _fwd_bwd(reference_cross_attention, q.double(), k.double(), v.double(), mask, do.double(), None)
     base = _fwd_bwd(torch_attention, q, k, v, mask, do, None)
-    for name, x, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
+    for name, x, y, r, b in zip(("out", "dq", "dk", "dv"), got, want, ref, base):
         assert_parity(name, x, r, b, dtype)
+        # Not bitwise: compiled for a GPU, unit and non-unit strides are different specialisations
+        # (vectorised loads, other MMA operand layouts) and may round differently (seen on an H200).
+        torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3, msg=name)
 
 
 class _DropLastProgram:
