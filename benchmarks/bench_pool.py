@@ -95,9 +95,7 @@ def bench_cuda(configs, dtypes, quick):
     from triton.testing import do_bench
 
     dev = common.Device()
-    bandwidth = dev.bandwidth or 3.0e12
-    print(f"\n== CUDA ({dev.name}): do_bench median, inputs rotated through > L2; floor = bytes / "
-          f"{bandwidth / 1e12:.1f} TB/s ({dev.bandwidth_note}) ==")
+    print(f"\n== CUDA ({dev.name}): do_bench median, inputs rotated through > L2; floor: {dev.bandwidth_note} ==")
     peers = {"reference": reference_masked_pool}
     if not quick:
         peers["compiled ref"] = torch.compile(reference_masked_pool, dynamic=False)
@@ -127,11 +125,12 @@ def bench_cuda(configs, dtypes, quick):
                     t_op = do_bench(run(masked_pool), warmup=25 if quick else 100, rep=50 if quick else 200)
                     t_peers = [do_bench(run(fn), warmup=25 if quick else 100, rep=50 if quick else 200)
                                for fn in peers.values()]
-                    floor_us = nbytes / bandwidth * 1e6
+                    floor_us = nbytes / dev.bandwidth * 1e6 if dev.bandwidth else None  # unknown card: no floor
+                    pct = 100 * floor_us / (t_op * 1e3) if floor_us else None
                     name = "fwd+bwd" if backward else "fwd"
                     dt = str(dtype).replace("torch.", "")
-                    print(f"{dt:>8} {C:>5} {mode:>4} {name:>7} | {nbytes / 1e6:6.2f} {floor_us:8.2f} "
-                          f"{t_op * 1e3:8.2f} {100 * floor_us / (t_op * 1e3):5.1f}% | "
+                    print(f"{dt:>8} {C:>5} {mode:>4} {name:>7} | {nbytes / 1e6:6.2f} {common.fmt(floor_us, '8.2f'):>8} "
+                          f"{t_op * 1e3:8.2f} {common.fmt(pct, '5.1f'):>5}% | "
                           + " ".join(f"{t * 1e3:8.2f} ({t / t_op:4.1f}x)" for t in t_peers))
 
 

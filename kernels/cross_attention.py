@@ -163,8 +163,8 @@ def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[i
     count, short-key backward)."""
     if dtype == torch.float32 and base + "_fp32" in KERNEL_TABLE:
         return base + "_fp32"
-    if base + "_n64" in KERNEL_TABLE:
-        return base + ("_n64" if N > 32 else "")
+    if base + "_n64" in KERNEL_TABLE:  # the base entry covers the keys up to its largest BLOCK_N
+        return base + ("_n64" if N > max(KERNEL_TABLE[base]["choices"]["BLOCK_N"]) else "")
     if base + "_m16" in KERNEL_TABLE:
         return base + ("_m16" if M <= 16 else "_m64")
     return base

@@ -25,6 +25,7 @@ def test_candidate_is_launched_and_restored(monkeypatch):
     inputs = tune_kernels.make_inputs(shape, DEV, torch.float16)
     shipped = tune_kernels.runner(ca, shape, "fwd", inputs)()
     before = {k: dict(v) for k, v in ca.KERNEL_TABLE.items()}
+    per_sm_before = ca.PROGRAMS_PER_SM
     launched = []
     real = ca._config
 
@@ -42,4 +43,4 @@ def test_candidate_is_launched_and_restored(monkeypatch):
                             {"num_warps": 4, "num_stages": 2})
     # A different tiling of the same exact softmax: equal up to fp16 rounding of the output.
     torch.testing.assert_close(out, shipped, atol=2e-3, rtol=2e-3)
-    assert ca.KERNEL_TABLE == before and ca.PROGRAMS_PER_SM == 2
+    assert ca.KERNEL_TABLE == before and ca.PROGRAMS_PER_SM == per_sm_before
