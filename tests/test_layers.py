@@ -1,11 +1,13 @@
-"""crformer.models.layers: the folded decoder attention equals the plain one (float64)."""
+"""crformer.models.layers: the folded decoder attention equals the plain one (float64); the norms
+stay fp32 under CPU bf16 autocast."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crformer.config import load_config
 from crformer.models import build_model
-from crformer.models.layers import MultiHeadAttention
+from crformer.models.layers import GroupNorm, LayerNorm, MultiHeadAttention
 from crformer.models.text_encoder import SentenceTokenizer
 from tests.conftest import TINY_MODEL
 
@@ -58,3 +60,60 @@ def test_model_with_folded_decoder_attention_matches_the_plain_model():
     with torch.no_grad():
         torch.testing.assert_close(folded(images, ids, mask)["pred_masks"], plain(images, ids, mask)["pred_masks"],
                                    rtol=1e-4, atol=1e-4)
+
+
+def _norm_case(kind: str, seed: int):
+    """A norm with random affine parameters and bf16 input / output-gradient, as under autocast."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "layer":
+        norm, shape = LayerNorm(96), (4096, 96)
+    else:
+        norm, shape = GroupNorm(8, 48), (32, 48, 16, 16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g))
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+    x = (torch.randn(shape, generator=g) * 3 + 1).bfloat16()
+    grad_out = torch.randn(shape, generator=g).bfloat16()
+    return norm, x, grad_out
+
+
+def _reference_norm(kind: str, norm, x):
+    w, b = norm.weight.double(), norm.bias.double()
+    if kind == "layer":
+        return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
+    return F.group_norm(x, norm.num_groups, w, b, norm.eps)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["layer", "group"])
+def test_norms_compute_in_fp32_under_cpu_autocast(kind, threads):
+    # CPU autocast runs nn.LayerNorm / nn.GroupNorm in bf16; their weight/bias gradients (sums over
+    # the whole batch) then miss the float64 value by 4-10 % here, and differ with the thread count.
+    norm, x, grad_out = _norm_case(kind, seed=threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(xx)
+        assert y.dtype == torch.float32
+        y.backward(grad_out.float())
+    finally:
+        torch.set_num_threads(saved)
+    ref_norm = type(norm).__bases__[0](*((96,) if kind == "layer" else (8, 48))).double()
+    ref_norm.load_state_dict(norm.state_dict())
+    xr = x.double().requires_grad_()
+    y_ref = _reference_norm(kind, ref_norm, xr)
+    y_ref.backward(grad_out.double())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y, y_ref) < 1e-6
+    assert rel(xx.grad, xr.grad) < 4e-3  # x's gradient is stored in x's dtype, bf16 (rounding 2^-9)
+    assert rel(norm.weight.grad, ref_norm.weight.grad) < 1e-5
+    assert rel(norm.bias.grad, ref_norm.bias.grad) < 1e-5
+
+
+def test_every_norm_of_the_model_is_fp32():
+    # timm's Swin (norm_layer), the text encoder (converted in place) and our own modules alike.
+    model = build_model(load_config(None, TINY_MODEL + ["model.text_finetune=true"]))
+    kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+    assert kinds == {LayerNorm, GroupNorm}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from crformer.errors import UserError
-from crformer.models.layers import MultiHeadAttention
+from crformer.models.layers import LayerNorm, MultiHeadAttention
 
 
 class VisionLanguageFusion(nn.Module):
@@ -24,7 +24,7 @@ class VisionLanguageFusion(nn.Module):
 
     def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, backend: str = "auto", gated: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, backend=backend)
         self.vis_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.fuse_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
@@ -76,7 +76,7 @@ class SwinVLFEncoder(nn.Module):
                      if k not in ("name", "weights") and v is not None}
         try:
             self.swin = timm.create_model(cfg["name"], pretrained=False, img_size=image_size, num_classes=0,
-                                          **overrides)
+                                          norm_layer=LayerNorm, **overrides)
         except (RuntimeError, ValueError, TypeError) as e:
             raise UserError(f"cannot build backbone {cfg['name']!r} with {overrides}: {e}") from e
         if cfg.get("weights"):
@@ -88,7 +88,7 @@ class SwinVLFEncoder(nn.Module):
         self.strides = [info["reduction"] for info in self.swin.feature_info]
         self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, backend, gated=i < len(self.dims) - 1)
                                  for i, d in enumerate(self.dims))
-        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in self.dims)
+        self.out_norms = nn.ModuleList(LayerNorm(d) for d in self.dims)
 
     def forward(self, images: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> list:
         x = self.swin.patch_embed(images)  # B×H×W×C (timm Swin is channels-last)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from crformer.models.backbone import SwinVLFEncoder
 from crformer.models.decoder import CalibrationDecoder
 from crformer.models.heads import LanguageReconstructionModule, MaskHead
-from crformer.models.layers import sine_position_embedding
+from crformer.models.layers import LayerNorm, sine_position_embedding
 from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
 from crformer.models.text_encoder import TextEncoder
@@ -34,8 +34,8 @@ class CRFormer(nn.Module):
         self.backbone = SwinVLFEncoder(m["backbone"], d["image_size"], C_l, m["vlf_heads"], backend)
         memory_strides = list(m["memory_strides"])[: m["num_decoder_layers"]]
         self.pixel_decoder = PixelDecoder(self.backbone.dims, D, memory_strides, m["mask_stride"], self.backbone.strides)
-        self.lang_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
-        self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), nn.LayerNorm(D))
+        self.lang_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
+        self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
         self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)
         self.decoder = CalibrationDecoder(D, m["num_decoder_layers"], m["num_heads"], m["ffn_dim"],
                                           m["num_queries"], m["calibration"], backend, len(memory_strides),

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from crformer.models.layers import FFN, MultiHeadAttention
+from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention
 
 
 class CrossAttentionLayer(nn.Module):
@@ -18,7 +18,7 @@ class CrossAttentionLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, backend: str = "auto", fold_keys: bool = False):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend, fold_keys=fold_keys)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
         query = q if query_pos is None else q + query_pos
@@ -32,7 +32,7 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, q, query_pos=None):
         qk = q if query_pos is None else q + query_pos
@@ -43,7 +43,7 @@ class FFNLayer(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.ffn = FFN(dim, hidden)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, q):
         return self.norm(q + self.ffn(q))
@@ -57,7 +57,7 @@ class CalibrationLayer(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
         self.ffn = FFNLayer(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, q, words, mask):
         return self.ffn(self.norm(q + self.attn(q, words, key_padding_mask=mask)))

@@ -7,8 +7,45 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from crformer.ops import cross_attention
+
+
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that normalises in fp32 and returns fp32, on every device: B×…×C → B×…×C.
+
+    CUDA autocast already runs layer_norm in fp32; CPU autocast runs it in bf16, and then the
+    weight and bias gradients (sums over every token of the batch) come out 20–70 % off their fp32
+    values in the default model, and differently with 1 and 2 threads (``benchmarks/NOTES.md``,
+    "bf16 norms on CPU"). Same parameters as ``nn.LayerNorm``, so checkpoints load either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` computed in fp32 and returned in fp32 (B×C×H×W), for the reason of
+    :class:`LayerNorm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, _fp32(self.weight), _fp32(self.bias), self.eps)
+
+
+def use_fp32_norms(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.LayerNorm`` / ``nn.GroupNorm`` inside a third-party ``module`` (the
+    Hugging Face text encoder) compute in fp32, in place: the class changes, the parameters stay."""
+    for m in module.modules():
+        if type(m) is nn.LayerNorm:
+            m.__class__ = LayerNorm
+        elif type(m) is nn.GroupNorm:
+            m.__class__ = GroupNorm
+    return module
 
 
 class MultiHeadAttention(nn.Module):

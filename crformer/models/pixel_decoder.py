@@ -7,12 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crformer.errors import UserError
+from crformer.models.layers import GroupNorm
 
 
 def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     # Up to 32 groups but at least 2 channels each, so a 1×1 map of one image still normalises.
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if cout % g == 0 and cout // g >= 2 or g == 1)
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(groups, cout),
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), GroupNorm(groups, cout),
                          nn.ReLU(inplace=True))
 
 
@@ -59,7 +60,7 @@ class PixelDecoder(nn.Module):
         if mask_stride < 4:
             w = self.detail_dim
             self.detail = nn.Sequential(nn.Conv2d(3, w, 3, stride=mask_stride, padding=1, bias=False),
-                                        nn.GroupNorm(8, w), nn.ReLU(inplace=True), conv_gn_relu(w, w, 3))
+                                        GroupNorm(8, w), nn.ReLU(inplace=True), conv_gn_relu(w, w, 3))
 
     def forward(self, maps: list, images: torch.Tensor):
         lats = [None] * len(maps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from crformer.models.layers import MultiHeadAttention
+from crformer.models.layers import LayerNorm, MultiHeadAttention
 
 
 class QueryGenerationModule(nn.Module):
@@ -21,7 +21,7 @@ class QueryGenerationModule(nn.Module):
         self.context = nn.Linear(dim, dim)
         self.spatial = nn.Conv2d(dim, num_queries, 1)
         self.word_attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, feat: torch.Tensor, words: torch.Tensor, mask: torch.Tensor, sentence: torch.Tensor):
         conditioned = feat * torch.sigmoid(self.context(sentence))[:, :, None, None]

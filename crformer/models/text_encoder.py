@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from crformer.errors import UserError
+from crformer.models.layers import use_fp32_norms
 
 EMBEDDED = "minilm"
 
@@ -86,6 +87,7 @@ class TextEncoder(nn.Module):
             # load as half under transformers' dtype="auto"); bf16 comes from autocast.
             self.bert = AutoModel.from_pretrained(str(path), local_files_only=True,
                                                   add_pooling_layer=False).float()
+        use_fp32_norms(self.bert)  # fine-tuned under CPU autocast, its norms need fp32 too
         self.name = name
         self.dim = self.bert.config.hidden_size
         self.finetune = finetune
