@@ -20,7 +20,8 @@ class CRFormer(nn.Module):
 
     ``forward(images B×3×S×S, input_ids B×L, attention_mask B×L bool)`` → dict:
       - ``pred_masks``: B×(S/s)×(S/s) mask logits from the last decoder layer (s = ``model.mask_stride``);
-      - ``aux_masks``: list of N_d − 1 such logits from the earlier layers (training only);
+      - ``aux_masks``: list of N_d − 1 mask logits B×(S/4)×(S/4) from the earlier layers, before the
+        outline refinement of ``mask_stride`` < 4 (training only);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
     """
@@ -57,7 +58,9 @@ class CRFormer(nn.Module):
         outs = self.decoder(q, mem_seq, mem_pos, words, mask)
         result = {"pred_masks": self.mask_head(outs[-1], pixel, sentence, detail), "lang": lang, "lang_mask": mask}
         if self.training:
-            result["aux_masks"] = [self.mask_head(o, pixel, sentence, detail) for o in outs[:-1]]
+            # Unrefined (B×(S/4)×(S/4)): deep supervision trains the queries; only the final mask
+            # needs the outline refinement, which was a tenth of a CPU training step per call.
+            result["aux_masks"] = [self.mask_head(o, pixel, sentence) for o in outs[:-1]]
             result["rec"] = self.lrm(outs[-1]) if self.lrm is not None else None
         return result
 
