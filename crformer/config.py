@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
         "rec_sentence_weight": 0.0,    # optional sentence-level term of L_rec
     },
     "train": {
-        "epochs": 6,
+        "epochs": 5,
         "batch_size": 32,              # global batch (split over DDP ranks)
         "lr": 1e-3,
         "backbone_lr": None,           # null: same as lr
