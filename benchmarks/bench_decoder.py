@@ -9,6 +9,10 @@ Attention calls of a layer (q B×H×M×d, k/v B×H×N×d):
   cross  — queries over the pixel memory, M = N_q, N = h·w, no key mask (all pixels valid, as in the model);
   cross folded — the same with the K/V projections folded into the queries (fold_decoder_attention):
            q B×1×(H·N_q)×D over the memory passed as both k and v (read once by a perfect kernel);
+  memory — the folded call as the model makes it (``crformer.ops.memory_attention``): keys = memory
+           + position table (N×D, shared by the batch, needing a gradient like the model's level
+           embedding), values = memory. ``triton-memory`` is the fused kernel that reads the memory
+           once for both; every other backend (``triton`` included) materialises the keys first;
   self   — queries over queries, M = N = N_q, no mask;
   calib  — queries over the words, M = N_q, N = L = 20, key padding mask (lengths 5–20).
 Sweep (cross-attention and layer, GPU): B ∈ {1, 32}, N_q ∈ {64, 256} at 60², memory 120² at B = 8,
@@ -86,6 +90,48 @@ def bench_layer(rows, dev, case, B, Nq, hw, D, H, ffn, quick, compiled):
         common.run_case(rows, dev, case, name, "fwd+bwd", fwdbwd, fwd_b + bwd_b, quick, extra)
 
 
+def bench_memory_attention(rows, dev, case, B, M, N, D, quick, compiled):
+    """``memory_attention(q B×M×D, memory B×N×D, pos N×D)``: the fused kernel against every
+    ``cross_attention`` peer given the materialised keys (inside the timed call, as the model would)."""
+    from crformer.ops import memory_attention
+
+    dt, device = dev.dtype, dev.device
+    es = torch.finfo(dt).bits // 8
+    # Floor: read q, memory, pos once, write o; backward reads q, memory, pos, o, lse, dO and writes
+    # dq, dmemory, dpos.
+    fwd_b = (2 * B * M * D + B * N * D + N * D) * es
+    bwd_b = (3 * B * M * D + B * N * D + N * D) * es + B * M * 4 + (B * M * D + B * N * D + N * D) * es
+
+    def make():
+        g = torch.Generator(device=device).manual_seed(0)
+        return tuple(torch.randn(*shape, generator=g, device=device, dtype=dt).requires_grad_(grad)
+                     for shape, grad in (((B, M, D), True), ((B, N, D), True), ((N, D), True), ((B, M, D), False)))
+
+    nxt = common.rotation(make, fwd_b, dev)
+    peers = [(name, None if impl is None else
+              (lambda q, f, p, _impl=impl: _impl(q[:, None], (f + p)[:, None], f[:, None], None)[:, 0]), why)
+             for name, impl, why in common.attention_backends(dev, compiled)]
+    if dev.cuda:
+        peers.append(("triton-memory", lambda q, f, p: memory_attention(q, f, p, backend="triton"), ""))
+    for name, impl, why in peers:
+        if impl is None:
+            common.skip(rows, case, name, "—", why)
+            continue
+
+        def fwd(impl=impl):
+            q, f, p, _ = nxt()
+            with torch.no_grad():
+                return impl(q, f, p)
+
+        def fwdbwd(impl=impl):
+            q, f, p, g = nxt()
+            return torch.autograd.grad(impl(q, f, p), (q, f, p), g)
+
+        extra = {"B": B, "M": M, "N": N, "D": D}
+        common.run_case(rows, dev, case, name, "fwd", fwd, fwd_b, quick, extra)
+        common.run_case(rows, dev, case, name, "fwd+bwd", fwdbwd, fwd_b + bwd_b, quick, extra)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(ap)
@@ -126,6 +172,8 @@ def main(argv=None):
     for hw in mems:
         common.bench_attention(rows, dev, f"cross folded {hw}² B={B}", B, 1, H * Nq, hw * hw, D, None,
                                args.quick, compiled, kv_same=True)
+    for hw in mems + ([] if args.quick or not dev.cuda else [120]):
+        bench_memory_attention(rows, dev, f"memory {hw}² B={B}", B, H * Nq, hw * hw, D, args.quick, compiled)
     common.bench_attention(rows, dev, f"self Nq={Nq} B={B}", B, H, Nq, Nq, d, None, args.quick, compiled)
     common.bench_attention(rows, dev, f"calib L={L_WORDS} B={B}", B, H, Nq, L_WORDS, d, 5, args.quick, compiled)
     save()

@@ -145,12 +145,12 @@ KERNEL_TABLE = {
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def shipped_configs():
+def shipped_configs(table: dict = KERNEL_TABLE):
     """Yield (entry, kernel name, dtype name, constexprs, num_warps, num_stages, mma) for every
-    shipped configuration."""
+    shipped configuration of ``table`` (this module's, or another kernel module's in this format)."""
     import itertools
 
-    for entry, spec in KERNEL_TABLE.items():
+    for entry, spec in table.items():
         keys = list(spec["choices"])
         for values in itertools.product(*(spec["choices"][k] for k in keys)):
             cx = dict(spec["fixed"], **dict(zip(keys, values)))
@@ -170,11 +170,11 @@ def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[i
     return base
 
 
-def _config(entry: str, **want) -> tuple[dict, dict]:
-    """Constexprs + launch options of a KERNEL_TABLE entry. ``want`` gives preferred tile sizes:
+def _config(entry: str, table: dict = KERNEL_TABLE, **want) -> tuple[dict, dict]:
+    """Constexprs + launch options of a ``table`` entry. ``want`` gives preferred tile sizes:
     BLOCK_N takes the smallest shipped value >= want (it must cover all keys in regime (a)),
     others the largest shipped value <= want; fixed constexprs ignore ``want``."""
-    spec = KERNEL_TABLE[entry]
+    spec = table[entry]
     cx = dict(spec["fixed"])
     for key, vals in spec["choices"].items():
         w = want[key]
@@ -329,6 +329,18 @@ def _short_bwd_kernel(Q, K, V, KEEP, DO, DQ, DKP, DVP,
 
 
 @triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One key block of the online softmax (regime b): s2 logits (BLOCK_M × BLOCK_N, masked keys
+    -inf), running max m_i and sum l_i -> (P = 2^(s2 - m), rescale factor alpha for the
+    accumulator, new m_i, new l_i). A row with no valid key so far keeps m = -inf, P = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _long_fwd_kernel(Q, K, V, KEEP, OP, LP,
                      s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                      s_keep_b, s_keep_n, H, M, N, D, qk_scale, keys_per_split, n_dchunks,
@@ -373,16 +385,11 @@ def _long_fwd_kernel(Q, K, V, KEEP, OP, LP,
                         mask=cmask[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), s, input_precision="ieee")
         s = tl.where((keep & cmask)[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key seen yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * s_vn + own[None, :] * s_vd,
                     mask=cmask[:, None] & omask[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
-        m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)

@@ -22,8 +22,7 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
         query = q if query_pos is None else q + query_pos
-        key = memory if key_pos is None else memory + key_pos
-        return self.norm(q + self.attn(query, key, memory, key_padding_mask=key_padding_mask))
+        return self.norm(q + self.attn(query, memory, key_padding_mask=key_padding_mask, key_pos=key_pos))
 
 
 class SelfAttentionLayer(nn.Module):

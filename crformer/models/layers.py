@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crformer.ops import cross_attention
+from crformer.ops import cross_attention, memory_attention
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -51,17 +51,19 @@ def use_fp32_norms(module: nn.Module) -> nn.Module:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention whose core is :func:`crformer.ops.cross_attention`.
 
-    Queries B×M×d_q attend to keys B×N×d_kv (values default to the keys); output B×M×d_out.
-    ``key_padding_mask`` is B×N bool with True = valid key. Every attention site of the model
-    goes through this class, so the backend switch reaches all of them.
+    Queries B×M×d_q attend to keys B×N×d_kv plus ``key_pos`` (N×d_kv or B×N×d_kv, keys only);
+    values default to the keys without ``key_pos``; output B×M×d_out. ``key_padding_mask`` is B×N
+    bool with True = valid key. Every attention site of the model goes through this class, so the
+    backend switch reaches all of them.
 
     ``fold_keys=True`` computes the same function with the key and value projections folded into
     the queries (DESIGN §3), for few queries over a long memory: head h's scores are
     (W_qh q + b_qh)·(W_kh k + b_kh) = [W_khᵀ(W_qh q + b_qh)]·k + a per-query constant that softmax
     cancels, and its output is W_vh (Σ a·v) + b_vh because attention rows sum to 1 (0 for a fully
-    masked row). So all heads become one d_kv-wide attention over the raw keys and values, with
-    the H·M folded queries stacked on the query axis: the memory is read once, never projected.
-    Same parameters, so a checkpoint loads either way.
+    masked row). So all heads become one d_kv-wide :func:`crformer.ops.memory_attention` over the
+    raw memory (keys = memory + key_pos, values = memory; a separate ``value`` is not supported),
+    with the H·M folded queries stacked on the query axis: the memory is read once, never
+    projected. Same parameters, so a checkpoint loads either way.
     """
 
     def __init__(self, d_q: int, d_kv: int, d_attn: int, num_heads: int, d_out: Optional[int] = None,
@@ -84,27 +86,32 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
-                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        value = key if value is None else value
+                key_padding_mask: Optional[torch.Tensor] = None, key_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fold_keys:
-            return self.out_proj(self._folded_heads(query, key, value, key_padding_mask))
+            if value is not None:
+                raise ValueError("fold_keys attention takes its values from `key` (the memory); got a separate value")
+            return self.out_proj(self._folded_heads(query, key, key_pos, key_padding_mask))
+        value = key if value is None else value
+        key = key if key_pos is None else key + key_pos
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         out = cross_attention(q, k, v, key_padding_mask, backend=self.backend)
         B, H, M, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, M, H * d))
 
-    def _folded_heads(self, query, key, value, key_padding_mask) -> torch.Tensor:
+    def _folded_heads(self, query, memory, pos, key_padding_mask) -> torch.Tensor:
         """The concatenated head outputs B×M×d_attn, computed with ``fold_keys`` (see class doc)."""
         B, M, _ = query.shape
-        H, d_kv = self.num_heads, key.shape[-1]
+        H, d_kv = self.num_heads, memory.shape[-1]
         dh = self.q_proj.out_features // H
         q = self.q_proj(query).view(B, M, H, dh)
         w_k = self.k_proj.weight.view(H, dh, d_kv).to(q.dtype)
-        folded = torch.einsum("bmhd,hdc->bhmc", q, w_k).reshape(B, 1, H * M, d_kv)
-        ctx = cross_attention(folded, key[:, None], value[:, None], key_padding_mask, scale=dh ** -0.5,
-                              backend=self.backend).view(B, H, M, d_kv)
+        folded = torch.einsum("bmhd,hdc->bmhc", q, w_k).reshape(B, M * H, d_kv)
+        # Under autocast the projections would have cast the memory to q's dtype; the op needs one dtype.
+        memory, pos = memory.to(q.dtype), None if pos is None else pos.to(q.dtype)
+        ctx = memory_attention(folded, memory, pos, key_padding_mask, scale=dh ** -0.5,
+                               backend=self.backend).view(B, M, H, d_kv)
         w_v = self.v_proj.weight.view(H, dh, d_kv).to(ctx.dtype)
-        out = torch.einsum("bhmc,hdc->bmhd", ctx, w_v)
+        out = torch.einsum("bmhc,hdc->bmhd", ctx, w_v)
         bias = self.v_proj.bias.view(H, dh).to(out.dtype)
         if key_padding_mask is not None:  # a fully masked row has no Σa = 1: its output stays 0
             bias = bias * key_padding_mask.any(dim=1).to(out.dtype)[:, None, None, None]

@@ -5,6 +5,11 @@
 - q: B×H×M×d, k/v: B×H×N×d (same dtype and device), key_padding_mask: B×N bool (True = keep).
 - Returns B×H×M×d in q's dtype. Rows whose keys are all masked give 0 (and zero gradients), never NaN.
 
+``memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, backend=None)`` is the
+same function in the decoder's folded form (DESIGN §3): one head, keys = memory + pos, values =
+memory. The ``triton`` backend runs a kernel that reads the memory once for both; the others
+materialise the keys and call :func:`cross_attention`.
+
 Backends: ``reference`` (explicit matmul/softmax, the oracle), ``sdpa`` (torch native), ``triton``
 (fused kernels in ``crformer.kernels``), ``xformers`` (optional peer). Resolution order: the ``backend``
 argument, then the process default set by :func:`set_default_backend` (the model's
@@ -72,6 +77,28 @@ def check_attention_inputs(q, k, v, key_padding_mask, name: str = "cross_attenti
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
 
 
+def check_memory_attention_inputs(q, memory, pos, key_padding_mask, name: str = "memory_attention") -> None:
+    """ValueError naming the problem unless q B×M×D, memory B×N×D, pos (N×D, B×N×D or None) and
+    the B×N bool mask agree in shape, dtype and device."""
+    if q.dim() != 3 or memory.dim() != 3:
+        raise ValueError(f"{name} expects 3-D q (B×M×D) and memory (B×N×D); got {tuple(q.shape)}, "
+                         f"{tuple(memory.shape)}")
+    if memory.shape[0] != q.shape[0] or memory.shape[2] != q.shape[2]:
+        raise ValueError(f"{name} shape mismatch: q {tuple(q.shape)}, memory {tuple(memory.shape)}")
+    if pos is not None:
+        if pos.shape not in (memory.shape[1:], memory.shape):
+            raise ValueError(f"{name}: pos must be N×D or B×N×D = {tuple(memory.shape)}; got {tuple(pos.shape)}")
+        if pos.dtype != memory.dtype or pos.device != memory.device:
+            raise ValueError(f"{name}: pos is {pos.dtype} on {pos.device}, memory {memory.dtype} on {memory.device}")
+    check_attention_inputs(q[:, None], memory[:, None], memory[:, None], key_padding_mask, name)
+
+
+def reference_memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None):
+    """The oracle of :func:`memory_attention`: keys materialised, :func:`reference_cross_attention`."""
+    keys = memory if pos is None else memory + pos
+    return reference_cross_attention(q[:, None], keys[:, None], memory[:, None], key_padding_mask, scale)[:, 0]
+
+
 def reference_cross_attention(q, k, v, key_padding_mask=None, scale=None):
     """Plain PyTorch attention in fp32 (or the input's wider dtype): the oracle for every backend."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -100,15 +127,21 @@ def sdpa_cross_attention(q, k, v, key_padding_mask=None, scale=None):
     return out * any_keep[:, None, None, None].to(out.dtype)
 
 
-def _triton(q, k, v, key_padding_mask=None, scale=None):
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def _triton_kernel(module: str, fn: str, device: torch.device) -> Callable:
+    """``crformer.kernels.<module>.<fn>``, or a UserError saying why backend 'triton' cannot run."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-                        f"got tensors on {q.device}")
+                        f"got tensors on {device}")
     try:
-        from crformer.kernels.cross_attention import triton_cross_attention
+        import importlib
+
+        return getattr(importlib.import_module(f"crformer.kernels.{module}"), fn)
     except ImportError as e:  # kernels not built in this install
         raise UserError(f"attention backend 'triton' is unavailable: {e}") from e
-    return triton_cross_attention(q, k, v, key_padding_mask, scale)
+
+
+def _triton(q, k, v, key_padding_mask=None, scale=None):
+    return _triton_kernel("cross_attention", "triton_cross_attention", q.device)(q, k, v, key_padding_mask, scale)
 
 
 def _xformers(q, k, v, key_padding_mask=None, scale=None):
@@ -157,3 +190,25 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
     """
     check_attention_inputs(q, k, v, key_padding_mask)
     return _IMPLS[resolve_backend(backend, q.device)](q, k, v, key_padding_mask, scale)
+
+
+def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, backend=None):
+    """Single-head attention over a memory whose keys carry a position table:
+    ``softmax((memory + pos) qᵀ·scale + mask) memory`` (the decoder's folded cross-attention).
+
+    Args:
+        q: B×M×D queries.  memory: B×N×D keys and values.  pos: N×D (shared by the batch) or
+            B×N×D, added to the keys only; or None.
+        key_padding_mask: optional B×N bool, True = key is valid.
+        scale: softmax scale, default D^-1/2.
+        backend: as in :func:`cross_attention`.
+    Returns:
+        B×M×D, q's dtype; 0 for rows with no valid key.
+    """
+    check_memory_attention_inputs(q, memory, pos, key_padding_mask)
+    name = resolve_backend(backend, q.device)
+    if name == "triton":
+        kernel = _triton_kernel("memory_attention", "triton_memory_attention", q.device)
+        return kernel(q, memory, pos, key_padding_mask, scale)
+    keys = memory if pos is None else memory + pos
+    return cross_attention(q[:, None], keys[:, None], memory[:, None], key_padding_mask, scale, name)[:, 0]

@@ -1,9 +1,9 @@
-"""Ahead-of-time sm_90 (Hopper) compilation of every shipped cross-attention kernel configuration.
+"""Ahead-of-time sm_90 (Hopper) compilation of every shipped attention kernel configuration.
 
 No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` produces PTX,
 and the ptxas inside the triton wheel reports registers and spills (DESIGN.md §3). The configs come
-from ``crformer.kernels.cross_attention.shipped_configs()`` (the table the launchers use), so a
-new config cannot ship untested.
+from the ``KERNEL_TABLE`` of each kernel module (the tables the launchers use), so a new config
+cannot ship untested.
 
 The compilation runs in a subprocess because tests/kernels/conftest.py sets TRITON_INTERPRET=1 for
 this process, and interpreted kernels cannot be compiled. Run this file as a script to see the
@@ -20,7 +20,18 @@ import sys
 
 import pytest
 
+from crformer.kernels import cross_attention, memory_attention
 from crformer.kernels.cross_attention import shipped_configs
+
+MODULES = (cross_attention, memory_attention)
+FLOAT_ARGS = ("qk_scale", "sm_scale", "k_weight", "v_weight")
+
+
+def _configs():
+    """(module, entry, kernel name, dtype, constexprs, num_warps, num_stages, mma) of every module."""
+    for mod in MODULES:
+        for cfg in shipped_configs(mod.KERNEL_TABLE):
+            yield (mod,) + cfg
 
 
 def _config_id(name, dt, cx, num_warps, num_stages):
@@ -28,19 +39,17 @@ def _config_id(name, dt, cx, num_warps, num_stages):
     return f"{name}-{dt}-{blocks}-w{num_warps}s{num_stages}"
 
 
-def _signature(fn, dt, cx):
+def _signature(mod, fn, dt, cx):
     """Mimic the JIT's specialisation for contiguous, 16-byte aligned tensors: pointers and
     non-unit strides divisible by 16, unit strides (last dim, mask column) constant 1."""
-    from crformer.kernels import cross_attention as ca
-
     sig, consts, attrs = {}, dict(cx), {}
     for i, n in enumerate(fn.arg_names):
         if n in cx:
             sig[n] = "constexpr"
-        elif n in ca.POINTER_ARGS:
-            sig[n] = "*" + ca.POINTER_TYPES.get(n, dt)
+        elif n in mod.POINTER_ARGS:
+            sig[n] = "*" + mod.POINTER_TYPES.get(n, dt)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif n in ("qk_scale", "sm_scale"):
+        elif n in FLOAT_ARGS:
             sig[n] = "fp32"
         elif n.startswith("s_") and (n.endswith("d") or n == "s_keep_n"):
             sig[n] = "constexpr"
@@ -60,17 +69,15 @@ def _worker():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from crformer.kernels import cross_attention as ca
-
-    assert not ca.INTERPRET, "unset TRITON_INTERPRET for AOT compilation"
+    assert not cross_attention.INTERPRET, "unset TRITON_INTERPRET for AOT compilation"
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     tmp = tempfile.mkdtemp(prefix="crformer_sm90_")
-    for entry, name, dt, cx, nw, ns, mma in shipped_configs():
+    for mod, entry, name, dt, cx, nw, ns, mma in _configs():
         cid = _config_id(entry, dt, cx, nw, ns)
         rec = {"id": cid}
         try:
-            fn = ca.KERNELS[name]
-            sig, consts, attrs = _signature(fn, dt, cx)
+            fn = mod.KERNELS[name]
+            sig, consts, attrs = _signature(mod, fn, dt, cx)
             src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw, "num_stages": ns})
             ptx = k.asm["ptx"]
@@ -110,7 +117,7 @@ def sm90_report():
     return {rec["id"]: rec for rec in map(json.loads, r.stdout.splitlines())}
 
 
-_CONFIGS = list(shipped_configs())
+_CONFIGS = [c[1:] for c in _configs()]
 
 
 @pytest.mark.parametrize("entry,name,dt,cx,num_warps,num_stages,mma", _CONFIGS,

@@ -287,11 +287,18 @@ def test_rejects_bad_inputs():
         triton_cross_attention(q.double(), k.double(), k.double())
 
 
-@pytest.mark.skipif(not RUN_IN_SUBPROCESS, reason="kernels run in this process")
+def rerun_interpreted(path: str) -> None:
+    """Run the kernel test file ``path`` in a fresh interpreter-mode process when triton was imported
+    (without the interpreter) before conftest.py ran; skip when the kernels run in this process."""
+    if not RUN_IN_SUBPROCESS:
+        pytest.skip("kernels run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
 def test_rerun_in_subprocess():
     """triton was imported (without the interpreter) before conftest.py ran: run this file again in
     a fresh interpreter-mode process so the kernel tests still run."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       capture_output=True, text=True, env=env, timeout=1800)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    rerun_interpreted(__file__)
