@@ -624,13 +624,19 @@ def _strides4(t):
     return tuple(t.stride())
 
 
+def check_kernel_inputs(q, name: str) -> None:
+    """ValueError unless q (whose shape/dtype/device checks the inputs already agree with) has a
+    dtype and device these kernels run on."""
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"{name} needs fp32/fp16/bf16 inputs; got {q.dtype}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
+                         f"{__name__}); got {q.device}")
+
+
 def _check(q, k, v, keep):
     check_attention_inputs(q, k, v, keep, name="triton_cross_attention")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"triton_cross_attention needs fp32/fp16/bf16 q/k/v; got {q.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"triton_cross_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"importing {__name__}); got {q.device}")
+    check_kernel_inputs(q, "triton_cross_attention")
 
 
 def _keep_u8(keep, B, N, device):

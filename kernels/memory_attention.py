@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from crformer.kernels import cross_attention as ca
-from crformer.ops.attention import check_memory_attention_inputs
+from crformer.ops.attention import check_memory_attention_inputs, memory_as_cross_attention
 
 __all__ = ["triton_memory_attention", "MAX_D", "KERNEL_TABLE", "KERNELS", "POINTER_ARGS", "POINTER_TYPES"]
 
@@ -315,7 +315,7 @@ def _backward(do, q, memory, pos, keep, o, lse, scale, need_dpos):
 
     cx, opts = _config("memory_bwd_dmem", has_pos, D, NEED_DPOS=need_dpos)
     dmem = ca._alloc((B, N, D), memory.dtype, dev)
-    dposp = ca._alloc((B, N, D), torch.float32, dev) if need_dpos else dmem
+    dposp = ca._alloc((B, N, D), torch.float32, dev) if need_dpos else dmem  # dmem: a stand-in, unwritten
     _memory_bwd_dmem_kernel[(triton.cdiv(N, cx["BLOCK_N"]), B)](
         q, memory, pos_t, ku8, do, lse, delta, dmem, dposp, *q.stride(), *memory.stride(), *pos_s, *do.stride(),
         ku8.stride(0), ku8.stride(1), *dmem.stride(), M, N, D, qk_scale, scale, **cx, **opts)
@@ -396,12 +396,11 @@ def triton_memory_attention(q: torch.Tensor, memory: torch.Tensor, pos: Optional
         ValueError on shape/dtype/device mismatch.
     """
     check_memory_attention_inputs(q, memory, pos, key_padding_mask, name="triton_memory_attention")
-    ca._check(q[:, None], memory[:, None], memory[:, None], key_padding_mask)
+    ca.check_kernel_inputs(q, "triton_memory_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not _fused(q):
+        return ca.triton_cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]
     if pos is not None:
         pos = pos.expand_as(memory)
-    if not _fused(q):
-        keys = memory if pos is None else memory + pos
-        return ca.triton_cross_attention(q[:, None], keys[:, None], memory[:, None], key_padding_mask, scale)[:, 0]
     o, _ = _fwd_op(q, memory, pos, key_padding_mask, scale)
     return o

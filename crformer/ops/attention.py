@@ -21,6 +21,7 @@ with ``reference``, 2-core CPU, 2026-11-26.)
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Optional
 
@@ -93,10 +94,16 @@ def check_memory_attention_inputs(q, memory, pos, key_padding_mask, name: str = 
     check_attention_inputs(q[:, None], memory[:, None], memory[:, None], key_padding_mask, name)
 
 
+def memory_as_cross_attention(q, memory, pos):
+    """The q, k, v (B×1×M×D, B×1×N×D, B×1×N×D) of :func:`cross_attention` that compute
+    :func:`memory_attention`: the keys materialised as memory + pos, one head."""
+    keys = memory if pos is None else memory + pos
+    return q[:, None], keys[:, None], memory[:, None]
+
+
 def reference_memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None):
     """The oracle of :func:`memory_attention`: keys materialised, :func:`reference_cross_attention`."""
-    keys = memory if pos is None else memory + pos
-    return reference_cross_attention(q[:, None], keys[:, None], memory[:, None], key_padding_mask, scale)[:, 0]
+    return reference_cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]
 
 
 def reference_cross_attention(q, k, v, key_padding_mask=None, scale=None):
@@ -133,8 +140,6 @@ def _triton_kernel(module: str, fn: str, device: torch.device) -> Callable:
         raise UserError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                         f"got tensors on {device}")
     try:
-        import importlib
-
         return getattr(importlib.import_module(f"crformer.kernels.{module}"), fn)
     except ImportError as e:  # kernels not built in this install
         raise UserError(f"attention backend 'triton' is unavailable: {e}") from e
@@ -210,5 +215,4 @@ def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, bac
     if name == "triton":
         kernel = _triton_kernel("memory_attention", "triton_memory_attention", q.device)
         return kernel(q, memory, pos, key_padding_mask, scale)
-    keys = memory if pos is None else memory + pos
-    return cross_attention(q[:, None], keys[:, None], memory[:, None], key_padding_mask, scale, name)[:, 0]
+    return cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale, name)[:, 0]

@@ -24,7 +24,7 @@ from crformer.kernels import cross_attention, memory_attention
 from crformer.kernels.cross_attention import shipped_configs
 
 MODULES = (cross_attention, memory_attention)
-FLOAT_ARGS = ("qk_scale", "sm_scale", "k_weight", "v_weight")
+FLOAT_ARGS = ("qk_scale", "sm_scale")
 
 
 def _configs():

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.test_cross_attention import (DEVICE, DTYPES, RUN_IN_SUBPROCESS, _seed, assert_parity, inproc,
-                                                nan_buffers, rerun_interpreted, torch_attention)  # noqa: F401
+from tests.kernels.test_cross_attention import (DEVICE, DTYPES, RUN_IN_SUBPROCESS, _seed, _set_sms, assert_parity,
+                                                inproc, nan_buffers, rerun_interpreted, torch_attention)  # noqa: F401
 
 if not RUN_IN_SUBPROCESS:
     from crformer.kernels import cross_attention as ca
@@ -73,11 +73,6 @@ def _fwd_bwd(fn, q, memory, pos, mask, do, scale):
     return (out.detach(),) + torch.autograd.grad(out, leaves, do.to(out.dtype))
 
 
-def _set_sms(monkeypatch, sms):
-    if DEVICE == "cpu":
-        monkeypatch.setattr(ca, "_num_sms", lambda device: sms)
-
-
 @inproc
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -117,7 +112,7 @@ def test_fp16_takes_the_fused_kernel_and_fp32_the_generic_one(monkeypatch):
         q, memory, pos, mask, _ = make_inputs(1, 8, 70, D, "shared", dtype, "random", _seed("route", D, str(dtype)))
         got = triton_memory_attention(q, memory, pos, mask)
         ref = reference_memory_attention(q.double(), memory.double(), pos.double(), mask)
-        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-2)
+        assert_parity(f"out {dtype} D={D}", got, ref, torch_memory_attention(q, memory, pos, mask, None), dtype)
     assert calls == [torch.float32, torch.float16]
 
 
@@ -256,4 +251,5 @@ def test_folded_decoder_attention_in_fp16_uses_the_fused_kernel(monkeypatch):
         results[name] = (out,) + torch.autograd.grad(out, x + weights, grad.to(DEVICE, dtype))
     for what, a, b in zip(("out", "dquery", "dmemory", "dpos", "dWq", "dWk", "dWv"), results["triton"],
                           results["reference"]):
-        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=what)
+        # fp16 rounding of inputs, weights and the folded queries: 0.6-1.3e-3 of the largest value seen
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=4e-3 * b.abs().max().item(), msg=what)
