@@ -27,3 +27,12 @@ def _link_kernels() -> None:
 
 
 _link_kernels()
+
+
+def __getattr__(name: str):
+    # Lazy: `import crformer` stays light (no torch/transformers) for the CLIs' argument parsing.
+    if name == "Segmenter":
+        from crformer.api import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'crformer' has no attribute {name!r}")

@@ -306,18 +306,18 @@ def report(out: Path) -> dict:
 def reprobe(out: Path, work_dir: Path) -> None:
     """Recompute the probe of every finished run from its final checkpoint (``work_dir/<run>/last.pt``,
     the model the run probed), e.g. after the probe changed; the metrics are kept."""
+    from crformer.api import Segmenter
     from crformer.data import open_refer
-    from crformer.evaluate import load_for_inference
 
     for path in sorted((out / "runs").glob("*.json")):
         run = json.loads(path.read_text())
         ckpt = work_dir / f"{run['variant']}-s{run['seed']}" / "last.pt"
         if not ckpt.is_file():
             raise UserError(f"no checkpoint {ckpt} for {path.name}: retrain it with --force")
-        model, cfg, tokenizer = load_for_inference(str(ckpt))
-        if cfg["train"]["num_threads"]:
-            torch.set_num_threads(cfg["train"]["num_threads"])
-        run["probe"] = probe_layers(model, open_refer(cfg), cfg, tokenizer, torch.device("cpu"))
+        seg = Segmenter.from_checkpoint(ckpt, "cpu")
+        if seg.cfg["train"]["num_threads"]:
+            torch.set_num_threads(seg.cfg["train"]["num_threads"])
+        run["probe"] = probe_layers(seg.model, open_refer(seg.cfg), seg.cfg, seg.tokenizer, seg.device)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(run, indent=1))
         tmp.replace(path)

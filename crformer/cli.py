@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import warnings
+from pathlib import Path
+
+import torch
 
 from crformer.errors import UserError
 
@@ -26,19 +32,85 @@ def quiet_libraries() -> None:
     logging.getLogger("timm").setLevel(logging.WARNING)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The CLIs' argument parser, described by the first paragraph of the module docstring."""
+    return _OneLineParser(prog=prog, description=(doc or "").split("\n\n")[0])
+
+
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: the embedded synthetic setup)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
 
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """UserError unless ``path`` (a file, or a folder with ``folder=True``) can be written; checked
+    before any work, by a probe that leaves nothing behind (``os.access`` says yes to root on a
+    read-only mount)."""
+    p = Path(path).expanduser()
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{what} {p} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
+    probe = p if folder and p.exists() else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write {what} {p}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {what} {p}: {e.strerror or e} in {probe}") from None
+    return p
+
+
+def parse_device(name: str | None) -> torch.device:
+    """``--device``: a torch device that exists here (default: cuda when available, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send), raised where the process is, so it unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def run(main, argv=None) -> None:
-    """Call ``main(argv)``; a UserError becomes one line on stderr and exit status 2."""
+    """Call ``main(argv)``; a UserError becomes one line on stderr and exit status 2. Ctrl-C and
+    SIGTERM unwind the same way (temp files removed, process group closed), exit 130 / 143."""
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from crformer.errors import UserError
+from crformer.ops.attention import BACKENDS
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -108,7 +109,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise UserError(f"override must look like key=value, got '{text}'")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; the user meant a number
         try:
             value = float(value)
@@ -139,6 +143,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
         _merge(cfg, data)
     for o in overrides:
         _merge(cfg, parse_override(o))
+    validate_config(cfg)
     return cfg
 
 
@@ -158,4 +163,98 @@ def merge_config(cfg: dict, overrides: list[str] | tuple = ()) -> dict:
     _merge(out, copy.deepcopy(cfg))
     for o in overrides:
         _merge(out, parse_override(o))
+    validate_config(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- checks
+# Each key of DEFAULTS has a rule: (what the value must be, test). Values are checked when a config is
+# made, before data, model or output folder exist, so a bad value never costs a minute of work.
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN fails
+
+
+def _int(lo: int, hi: int | None = None):
+    what = f"an integer ≥ {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return what, lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi)
+
+
+def _num(lo: float, strict: bool = False, hi: float | None = None):
+    what = f"a number {'>' if strict else '≥'} {lo:g}" + (f" and < {hi:g}" if hi is not None else "")
+    return what, lambda v: (_is_num(v) and (v > lo if strict else v >= lo) and (hi is None or v < hi))
+
+
+def _one_of(*choices):
+    return "one of " + ", ".join(map(str, choices)), lambda v: v in choices and not isinstance(v, bool)
+
+
+def _optional(rule):
+    what, test = rule
+    return f"null or {what}", lambda v: v is None or test(v)
+
+
+def _list_of(rule, min_len: int = 1):
+    what, test = rule
+    return f"a list of at least {min_len}, each {what}", \
+        lambda v: isinstance(v, list) and len(v) >= min_len and all(test(x) for x in v)
+
+
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_NAME = ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "" and v.strip() == v)
+_PATH = ("a non-empty path", lambda v: isinstance(v, str) and v.strip() != "")
+
+RULES: dict[str, tuple] = {
+    "data.dataset": _NAME, "data.root": _optional(_PATH), "data.split_by": _NAME, "data.train_split": _NAME,
+    "data.val_splits": _list_of(_NAME),
+    "data.image_size": ("a multiple of 32, at least 32 (Swin's coarsest stage has stride 32)",
+                        lambda v: _is_int(v) and v >= 32 and v % 32 == 0),
+    "data.max_tokens": _int(3, 512), "data.image_dir": _optional(_PATH), "data.cache_dir": _PATH,
+    "data.preload": _BOOL, "data.num_workers": _int(0),
+    "data.synthetic.seed": _int(0), "data.synthetic.size": _int(16), "data.synthetic.train_images": _int(1),
+    "data.synthetic.eval_samples": _int(1),
+    "model.text_encoder": _PATH, "model.text_finetune": _BOOL, "model.text_trainable_layers": _int(-1),
+    "model.backbone.name": _NAME, "model.backbone.embed_dim": _optional(_int(1)),
+    "model.backbone.depths": _optional(_list_of(_int(1), 4)), "model.backbone.num_heads": _optional(_list_of(_int(1), 4)),
+    "model.backbone.window_size": _optional(_int(1)), "model.backbone.patch_size": _optional(_int(1)),
+    "model.backbone.drop_path_rate": _optional(_num(0, hi=1)), "model.backbone.weights": _optional(_PATH),
+    "model.vlf_heads": _int(1), "model.d_model": _int(1), "model.num_queries": _int(1),
+    "model.num_decoder_layers": _int(1), "model.num_heads": _int(1), "model.ffn_dim": _int(1),
+    "model.memory_strides": _list_of(_one_of(4, 8, 16, 32)), "model.mask_stride": _one_of(1, 2, 4),
+    "model.calibration": _BOOL, "model.lrm": _BOOL, "model.attn_backend": _one_of("auto", *BACKENDS),
+    "model.fold_decoder_attention": _BOOL,
+    "loss.aux_weight": _num(0), "loss.dice_weight": _num(0), "loss.rec_weight": _num(0),
+    "loss.rec_sentence_weight": _num(0),
+    "train.epochs": _int(1), "train.batch_size": _int(1), "train.lr": _num(0, strict=True),
+    "train.backbone_lr": _optional(_num(0, strict=True)), "train.text_lr": _num(0), "train.weight_decay": _num(0),
+    "train.warmup_iters": _int(0), "train.poly_power": _num(0), "train.grad_clip": _num(0),
+    "train.amp": _one_of("auto", "bf16", "none"), "train.seed": _int(0), "train.out_dir": _PATH,
+    "train.log_every": _int(1), "train.num_threads": _int(0), "train.max_steps": _int(0),
+    "train.checkpoint_every": _int(0),
+    "eval.protocol": _one_of("original", "lavt"), "eval.batch_size": _int(1), "eval.language_check": _BOOL,
+}
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def validate_config(cfg: dict) -> None:
+    """Type and range of every value (:data:`RULES`); the first bad one is a UserError naming the
+    key, what it must be and what it got."""
+    for key, value in _leaves(cfg):
+        what, ok = RULES[key]
+        if not ok(value):
+            raise UserError(f"config {key} must be {what}; got {value!r}")
+    m = cfg["model"]
+    if m["d_model"] % m["num_heads"]:
+        raise UserError(f"config model.d_model={m['d_model']} must be divisible by model.num_heads={m['num_heads']}")

@@ -7,38 +7,23 @@ location or other settings can still be overridden with ``key=value`` (e.g. ``da
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from crformer.checkpoint import load_checkpoint, load_model_state
-from crformer.cli import quiet_libraries, run
-from crformer.config import merge_config
-from crformer.data import open_refer
-from crformer.distributed import cleanup, init_distributed, is_main
-from crformer.engine import evaluate_split, language_check_lines, report_rows
-from crformer.metrics import format_table
-from crformer.models import build_model
-from crformer.models.text_encoder import SentenceTokenizer
-from crformer.ops import set_default_backend
+from crformer.cli import check_writable, parser, quiet_libraries, run
+from crformer.errors import UserError
 
 
-def load_for_inference(checkpoint: str, overrides=(), device: torch.device | None = None):
-    """(model in eval mode, config, tokenizer) from a checkpoint alone."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = merge_config(ckpt["config"], overrides)
-    cfg["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
-    set_default_backend(cfg["model"]["attn_backend"])
-    model = build_model(cfg)
-    load_model_state(model, ckpt["model"])
-    model.to(device or torch.device("cpu")).eval()
-    return model, cfg, SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+def split_names(text: str) -> list[str]:
+    """``--split a,b`` → ``["a", "b"]``; an empty name (``val,``) is a UserError."""
+    names = [s.strip() for s in text.split(",")]
+    if not all(names):
+        raise UserError(f"--split {text!r} has an empty split name")
+    return names
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m crformer.evaluate", description=__doc__.split("\n\n")[0])
+    p = parser("python -m crformer.evaluate", __doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default=None, help="split name(s), comma-separated (default: the config's val splits)")
     p.add_argument("--protocol", choices=("original", "lavt"), default=None,
@@ -47,19 +32,36 @@ def main(argv=None) -> None:
     p.add_argument("--language-check", action="store_true",
                    help="also predict with each sentence swapped for another object's in the same image")
     p.add_argument("--out", default=None, help="JSON output (default: next to the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the process's device)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     quiet_libraries()
+    if a.save_vis < 0:
+        raise UserError(f"--save-vis must be ≥ 0; got {a.save_vis}")
+    splits = split_names(a.split) if a.split is not None else None
+    out = check_writable(Path(a.out) if a.out else Path(a.checkpoint).with_suffix(".eval.json"), "--out")
+    vis_dir = str(out.with_suffix("")) + "_vis"
+    if a.save_vis:
+        check_writable(vis_dir, "picture folder", folder=True)
+
+    from crformer.api import Segmenter
+    from crformer.data import open_refer
+    from crformer.distributed import cleanup, init_distributed, is_main
+    from crformer.engine import evaluate_split, language_check_lines, report_rows
+    from crformer.metrics import format_table
+
     rank, world, device = init_distributed()
     try:
-        model, cfg, tokenizer = load_for_inference(a.checkpoint, a.overrides, device)
+        seg = Segmenter.from_checkpoint(a.checkpoint, a.device or device, a.overrides)
+        cfg = seg.cfg
         protocol = a.protocol or cfg["eval"]["protocol"]
         refer = open_refer(cfg)
-        splits = a.split.split(",") if a.split else cfg["data"]["val_splits"]
-        out = Path(a.out) if a.out else Path(a.checkpoint).with_suffix(".eval.json")
-        vis_dir = str(out.with_suffix("")) + "_vis"
-        results = {s: evaluate_split(model, refer, s, cfg, tokenizer, device, protocol, a.language_check, rank, world,
-                                     a.save_vis, vis_dir, progress=is_main())
+        splits = splits or cfg["data"]["val_splits"]
+        unknown = [s for s in splits if s not in refer.splits()]
+        if unknown:
+            raise UserError(f"split {unknown[0]!r} is not in {refer.refs_path} (splits: {', '.join(refer.splits())})")
+        results = {s: evaluate_split(seg.model, refer, s, cfg, seg.tokenizer, seg.device, protocol, a.language_check,
+                                     rank, world, a.save_vis, vis_dir, progress=is_main())
                    for s in splits}
         if is_main():
             out.write_text(json.dumps({"checkpoint": str(a.checkpoint), "protocol": protocol, "results": results},

@@ -7,7 +7,6 @@ every ``train.checkpoint_every`` steps), ``best.pt`` (best mean val oIoU), ``met
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -19,8 +18,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from crformer.checkpoint import code_version, load_checkpoint, load_model_state, model_state, save_atomic
-from crformer.cli import config_args, quiet_libraries, run
+from crformer.checkpoint import (code_version, load_checkpoint, load_model_state, model_state, remove_stale_temp_files,
+                                 rng_state, save_atomic, set_rng_state)
+from crformer.cli import check_writable, config_args, parser, quiet_libraries, run
 from crformer.config import load_config, merge_config
 from crformer.data import open_refer
 from crformer.data.dataset import Collate, RefDataset
@@ -65,21 +65,6 @@ def poly_with_warmup(total: int, warmup: int, power: float):
     return f
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -98,17 +83,20 @@ class Trainer:
             torch.set_num_threads(t["num_threads"])
         seed_everything(t["seed"] + self.rank)
         set_default_backend(cfg["model"]["attn_backend"])
-        self.out = Path(t["out_dir"])
-        if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
+        self.out = check_writable(t["out_dir"], "train.out_dir", folder=True)
+        # Text encoder and model first: a bad folder or weights file is reported before any data work.
+        self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+        self.model = build_model(cfg).to(self.device)
         # Rank 0 prepares the (synthetic) data first so the others only read it.
         if is_main():
             self.refer = open_refer(cfg)
         barrier()
         if not is_main():
             self.refer = open_refer(cfg)
-        self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+        missing = [s for s in [cfg["data"]["train_split"], *cfg["data"]["val_splits"]] if s not in self.refer.splits()]
+        if missing:
+            raise UserError(f"split {missing[0]!r} is not in {self.refer.refs_path} "
+                            f"(splits: {', '.join(self.refer.splits())})")
         self.train_set = RefDataset(self.refer, cfg["data"]["train_split"], cfg["data"]["image_size"], train=True,
                                     seed=t["seed"], preload=cfg["data"]["preload"])
         if len(self.train_set) == 0:
@@ -121,7 +109,6 @@ class Trainer:
             raise UserError(f"train.batch_size={t['batch_size']} is larger than the training set "
                             f"({len(self.train_set)} objects)")
         self.total_steps = t["epochs"] * self.steps_per_epoch
-        self.model = build_model(cfg).to(self.device)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: 4× faster than the
@@ -138,6 +125,17 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt.get("history", [])
             set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
+            if self.step >= self.total_steps:
+                raise UserError(f"{resume} is a finished run (step {self.step} of {self.total_steps}); nothing to "
+                                f"resume (evaluate it with python -m crformer.evaluate --checkpoint {resume})")
+            if t["max_steps"] and self.step >= t["max_steps"]:
+                raise UserError(f"{resume} stopped at train.max_steps={t['max_steps']}; to continue, pass "
+                                f"train.max_steps=N with N > {self.step}, or 0 for the whole run")
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temp_files(self.out):
+                print(f"removed {stale.name}, left by an interrupted checkpoint write", flush=True)
+            (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, name: str, metrics: dict | None = None) -> None:
@@ -257,7 +255,7 @@ class Trainer:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m crformer.train", description=__doc__.split("\n\n")[0])
+    p = parser("python -m crformer.train", __doc__)
     config_args(p)
     p.add_argument("--resume", default=None, help="checkpoint to continue from (its config is used)")
     a = p.parse_args(argv)

@@ -166,10 +166,3 @@ def test_long_sentence_is_truncated_with_one_warning(trained, tmp_path):
         ids, mask = tok(["the small red square left of the big blue star above the green circle"] * 2)
         tok(["another very long sentence that goes on and on and on and on"])
     assert len(rec) == 1 and ids.shape == (2, 8) and mask.all()
-
-
-def test_python_m_reports_user_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "crformer.predict", "--checkpoint", str(tmp_path / "none.pt"),
-                           "--image", "x.png", "--text", "a"], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'none.pt'}"

@@ -17,8 +17,11 @@ Python-2 pickles
 Python 2 ``str`` objects are pickled as raw byte strings.  We unpickle with ``encoding="bytes"`` so
 they arrive as ``bytes`` and then decode every bytes key/value recursively as UTF-8 (falling back to
 latin-1 for byte strings that are not valid UTF-8).  This keeps non-ASCII sentences intact, which a
-plain ``encoding="latin1"`` load would turn into mojibake.  Should a pickle contain objects that
-cannot be rebuilt from bytes (never the case for refs files), we retry with ``encoding="latin1"``.
+plain ``encoding="latin1"`` load would turn into mojibake.
+
+Loading never runs code: the unpickler rebuilds only the types real refs files hold (dict, list,
+tuple, str, bytes, int, float, bool, None). A pickle that names any other Python object (a class,
+``os.system``) is refused before that object is looked up.
 
 Masks are rasterised with pycocotools at the image's original size (polygon parts merged, RLE
 compressed or uncompressed) and returned as ``bool`` arrays; nothing large is cached.
@@ -26,6 +29,7 @@ compressed or uncompressed) and returned as ``bool`` arrays; nothing large is ca
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -95,20 +99,37 @@ def _to_str(obj: Any) -> Any:
     return obj
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a Python object outside :data:`REFS_PICKLE_TYPES`."""
+
+
+#: The only globals a refs pickle may name (the plain types, which protocol-0/1 pickles reach
+#: through ``__builtin__``); everything the real files hold is built by opcodes without any.
+REFS_PICKLE_TYPES = frozenset({"dict", "list", "tuple", "str", "bytes", "int", "float", "bool"})
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in REFS_PICKLE_TYPES:
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"{module}.{name}")
+
+
 def load_refs_pickle(path: str) -> Any:
-    """Load a refs pickle written by Python 2 or 3; all byte strings come back as ``str``."""
+    """Load a refs pickle written by Python 2 or 3, plain data only; all byte strings come back as
+    ``str``. A pickle that asks for any other Python object is a UserError (nothing runs)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise UserError(f"cannot read refs file {path}: {e.strerror or e}") from None
     try:
-        obj = pickle.loads(data, encoding="bytes")
-    except Exception:
-        try:
-            obj = pickle.loads(data, encoding="latin1")
-        except Exception as e:  # corrupt / truncated / not a pickle
-            raise UserError(f"cannot unpickle refs file {path}: {type(e).__name__}: {e}") from None
+        obj = _PlainDataUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise UserError(f"refusing to load refs file {path}: it asks for the Python object {e}, and refs files "
+                        "hold only plain data (a file that needs code can run code)") from None
+    except Exception as e:  # corrupt / truncated / not a pickle
+        raise UserError(f"cannot unpickle refs file {path}: {type(e).__name__}: {e}") from None
     return _to_str(obj)
 
 

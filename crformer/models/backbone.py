@@ -44,17 +44,23 @@ class VisionLanguageFusion(nn.Module):
 
 def load_backbone_weights(swin: nn.Module, path: str) -> None:
     """Load a Swin checkpoint from a local file; timm's filter maps key names and resizes tables."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"backbone weights file not found: {p}")
     from timm.models.swin_transformer import checkpoint_filter_fn
 
-    state = torch.load(p, map_location="cpu", weights_only=False)
+    from crformer.checkpoint import load_tensor_file
+
+    p = Path(path).expanduser()
+    state = load_tensor_file(p, "backbone weights file")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    state = checkpoint_filter_fn(state, swin)
-    missing, unexpected = swin.load_state_dict(state, strict=False)
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"backbone weights file {p} holds no state dict of tensors")
+    try:
+        state = checkpoint_filter_fn(state, swin)
+        missing, unexpected = swin.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as e:  # shapes of another Swin, or keys timm cannot map
+        raise UserError(f"backbone weights {p} do not fit the configured Swin: "
+                        f"{str(e).strip().splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.startswith(("head", "norm."))]
     if missing:
         raise UserError(f"backbone weights {p} do not fit the configured Swin: {len(missing)} missing keys "

@@ -1,0 +1,95 @@
+"""The Python API: segment the object a sentence refers to.
+
+    from crformer import Segmenter
+    seg = Segmenter.from_checkpoint("runs/default/best.pt")
+    mask = seg("scene.jpg", "the red square on the left")   # bool H×W at the image's size
+    masks = seg.batch([("a.jpg", "the star"), (pil_image, "the blue circle")])
+
+``predict`` and ``evaluate`` are thin command-line layers over this class.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from crformer.checkpoint import load_checkpoint, load_model_state
+from crformer.config import merge_config
+from crformer.data.dataset import image_to_tensor
+from crformer.data.image import load_image, to_rgb
+from crformer.engine import predict_logits, upsample_mask
+from crformer.errors import UserError
+from crformer.models import build_model
+from crformer.models.text_encoder import SentenceTokenizer
+from crformer.ops import set_default_backend
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def as_rgb_image(image: ImageLike) -> Image.Image:
+    """A path, a PIL image or an H×W×3 uint8 array → 8-bit RGB PIL image (EXIF orientation applied
+    for files); anything else is a UserError naming what was given."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise UserError(f"an image array must be H×W×3 uint8; got shape {image.shape} dtype {image.dtype}")
+        return Image.fromarray(image)
+    raise UserError(f"an image must be a path, a PIL image or an H×W×3 uint8 array; got {type(image).__name__}")
+
+
+class Segmenter:
+    """A trained CRFormer ready for inference (eval mode, on one device).
+
+    ``seg(image, sentence)`` → bool H×W mask at the image's size; ``seg.batch(pairs)`` runs a list
+    of (image, sentence) pairs in batches of ``batch_size``. Images: path, PIL image or H×W×3 uint8.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: dict, tokenizer: SentenceTokenizer,
+                 device: torch.device | None = None, batch_size: int = 16):
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        overrides: Sequence[str] = ()) -> "Segmenter":
+        """Load a checkpoint (its config, text-encoder reference and weights; data-only loading).
+        ``device``: default cuda when available, else cpu. ``overrides``: ``key=value`` config changes
+        that do not change the model (e.g. ``model.attn_backend=sdpa``)."""
+        from crformer.cli import parse_device
+
+        device = device if isinstance(device, torch.device) else parse_device(device)
+        ckpt = load_checkpoint(path)
+        cfg = merge_config(ckpt["config"], overrides)
+        cfg["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
+        set_default_backend(cfg["model"]["attn_backend"])
+        model = build_model(cfg)
+        load_model_state(model, ckpt["model"])
+        tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+        return cls(model, cfg, tokenizer, device, batch_size=cfg["eval"]["batch_size"])
+
+    def __call__(self, image: ImageLike, sentence: str) -> np.ndarray:
+        """One image and one sentence → bool H×W mask at the image's size."""
+        return self.batch([(image, sentence)])[0]
+
+    def batch(self, pairs: Sequence[tuple[ImageLike, str]]) -> list[np.ndarray]:
+        """(image, sentence) pairs → one bool mask per pair, each at its own image's size."""
+        masks: list[np.ndarray] = []
+        size = self.cfg["data"]["image_size"]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            images = [as_rgb_image(im) for im, _ in chunk]
+            ids, attn = self.tokenizer([sentence for _, sentence in chunk])
+            x = torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
+            logits = predict_logits(self.model, x, ids, attn, self.cfg["train"]["amp"])
+            masks += [upsample_mask(lg, (im.height, im.width)) for lg, im in zip(logits, images)]
+        return masks

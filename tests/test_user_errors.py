@@ -1,0 +1,280 @@
+"""Bad input against the real CLIs, hostile files, and interrupted runs.
+
+Every user error: exit status 2, exactly one line on stderr, no traceback, found before any work,
+and no output file changed. Hostile files (pickles that would run code) are refused before anything
+in them runs. Interrupted checkpoint writes leave nothing behind and resume exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crformer import train
+from crformer.checkpoint import load_checkpoint, save_atomic
+from crformer.cli import run
+from crformer.config import load_config
+from crformer.errors import UserError
+from tests.conftest import TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_m(module: str, *args: str, timeout: int = 300, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings)
+    return subprocess.run([sys.executable, "-m", f"crformer.{module}", *args], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its size and content hash (what 'unchanged' means)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_args(cache: str, out: Path, *extra: str) -> list[str]:
+    return TINY_MODEL + [f"data.cache_dir={cache}", f"train.out_dir={out}", *extra]
+
+
+def train_losses(out_dir: Path) -> dict:
+    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in recs if "total" in r}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, data_cache):
+    """A workspace: a finished tiny run, an image, a junk file, a text-encoder folder without weights."""
+    ws = tmp_path_factory.mktemp("world")
+    run(train.main, tiny_args(data_cache, ws / "run", "train.epochs=1", "eval.language_check=false"))
+    Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)).save(ws / "img.png")
+    (ws / "junk.bin").write_bytes(b"\x00\x01 not a torch file")
+    (ws / "a_file").write_text("not a folder")
+    (ws / "bert").mkdir()
+    (ws / "bert" / "config.json").write_text("{}")
+    return {"dir": ws, "cache": data_cache, "ckpt": str(ws / "run" / "best.pt"), "last": str(ws / "run" / "last.pt"),
+            "img": str(ws / "img.png")}
+
+
+T, P, E = "train", "predict", "evaluate"
+# (family, cli, arguments with {ws} {ck} {last} {img} {cache} filled in, text the line must hold)
+BAD_INPUT = [
+    ("config range", T, ["train.epochs=0"], "train.epochs"),
+    ("config range", T, ["train.batch_size=-4"], "train.batch_size"),
+    ("config range", T, ["train.batch_size=0"], "train.batch_size"),
+    ("config range", T, ["train.lr=-0.1"], "train.lr"),
+    ("config range", T, ["data.image_size=50"], "data.image_size"),
+    ("config range", T, ["model.num_queries=0"], "model.num_queries"),
+    ("config range", T, ["data.max_tokens=1"], "data.max_tokens"),
+    ("config range", T, ["train.num_threads=-2"], "train.num_threads"),
+    ("config range", T, ["data.num_workers=-1"], "data.num_workers"),
+    ("config range", T, ["eval.batch_size=0"], "eval.batch_size"),
+    ("config type", T, ["train.epochs=two"], "train.epochs"),
+    ("config type", T, ["model.calibration=maybe"], "model.calibration"),
+    ("config choice", T, ["eval.protocol=bogus"], "eval.protocol"),
+    ("config choice", T, ["train.amp=fp8"], "train.amp"),
+    ("config split", T, ["data.val_splits=[val_easy,'']"], "data.val_splits"),
+    ("config split", T, ["data.val_splits=[val_easy,val_nope]"], "val_nope"),
+    ("config key", T, ["model.num_querys=3"], "model.num_querys"),
+    ("override yaml", T, ["train.amp=[bf16"], "not valid YAML"),
+    ("override form", T, ["train.epochs"], "key=value"),
+    ("out_dir", T, ["train.out_dir={ws}/a_file/run"], "a_file"),
+    ("text encoder", T, ["model.text_encoder={ws}/bert"], "no weights"),
+    ("backbone weights", T, ["model.backbone.weights={ws}/junk.bin"], "junk.bin"),
+    ("backbone weights", T, ["model.backbone.weights={ws}/missing.pth"], "missing.pth"),
+    ("resume", T, ["--resume", "{last}"], "finished run"),
+    ("resume", T, ["--resume", "{ws}/junk.bin"], "junk.bin"),
+    ("resume", T, ["--resume", "{last}", "--config", "configs/refcoco_swinb.yaml"], "--config"),
+    ("usage", T, ["--bogus-flag"], "unrecognized arguments"),
+    ("device", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "--device", "cuda:99"], "cuda:99"),
+    ("device", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "--device", "gpu0"], "gpu0"),
+    ("output", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "--out", "{img}"], "overwrite"),
+    ("output", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "--out", "{ws}/a_file/o.png"],
+     "a_file"),
+    ("output", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "--out", "{ws}/o.gif"], ".png"),
+    ("image", P, ["--checkpoint", "{ck}", "--image", "{ws}/none.png", "--text", "the star"], "none.png"),
+    ("image", P, ["--checkpoint", "{ck}", "--image", "{ws}/junk.bin", "--text", "the star"], "junk.bin"),
+    ("sentence", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "   "], "empty sentence"),
+    ("checkpoint", P, ["--checkpoint", "{ws}/none.pt", "--image", "{img}", "--text", "the star"], "none.pt"),
+    ("checkpoint", P, ["--checkpoint", "{ws}/junk.bin", "--image", "{img}", "--text", "the star"], "junk.bin"),
+    ("model size", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "the star", "model.d_model=64"],
+     "shapes differ"),
+    ("usage", E, ["--checkpoint", "{ck}", "--protocol", "bogus"], "invalid choice"),
+    ("evaluate", E, ["--checkpoint", "{ck}", "--save-vis", "-1"], "--save-vis"),
+    ("evaluate", E, ["--checkpoint", "{ck}", "--split", "val_easy,"], "empty split name"),
+    ("evaluate", E, ["--checkpoint", "{ck}", "--split", "val_nope"], "val_nope"),
+    ("evaluate", E, ["--checkpoint", "{ck}", "--out", "{ws}/a_file/e.json"], "a_file"),
+    ("evaluate", E, ["--checkpoint", "{ck}", "eval.batch_size=0"], "eval.batch_size"),
+    ("device", E, ["--checkpoint", "{ck}", "--device", "cuda:99"], "cuda:99"),
+]
+
+
+@pytest.mark.parametrize("family,cli,args,needle", BAD_INPUT,
+                         ids=[f"{c}-{f}-{i}" for i, (f, c, _, _) in enumerate(BAD_INPUT)])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, family, cli, args, needle):
+    ws = world["dir"]
+    fill = dict(ws=ws, ck=world["ckpt"], last=world["last"], img=world["img"])
+    argv = [a.format(**fill) for a in args]
+    if cli == T and not any(a.startswith("--resume") for a in argv):
+        argv = tiny_args(world["cache"], ws / "run2") + argv  # later arguments win
+    before = snapshot(ws)
+    proc = python_m(cli, *argv)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in proc.stderr and needle in err[0], err[0]
+    assert snapshot(ws) == before
+    assert not (ws / "run2").exists()
+
+
+def test_every_config_key_is_checked():
+    from crformer.config import RULES, _leaves
+
+    assert {k for k, _ in _leaves(load_config())} == set(RULES)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {}, "config": {}, "step": 1}, path)
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="disk full; the previous last.pt is intact"):
+        save_atomic({"model": {}, "config": {}, "step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoints_get_the_permissions_of_the_other_outputs(world):
+    run_dir = world["dir"] / "run"
+    modes = {name: stat.S_IMODE(os.stat(run_dir / name).st_mode) for name in ("last.pt", "best.pt", "config.json")}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_sentences_without_words_warn(world):
+    from crformer.models.text_encoder import SentenceTokenizer
+
+    tok = SentenceTokenizer("minilm", 20)
+    for sentence in ["🙂🙂🙂", "\u200b\u200b", "?!...", "🙂 ,"]:
+        with pytest.warns(UserWarning, match="no word tokens"):
+            tok([sentence])
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        tok(["the red 🙂 square", "a"])
+
+
+def test_predict_warns_once_when_the_sentence_has_no_words(world, tmp_path):
+    proc = python_m(P, "--checkpoint", world["ckpt"], "--image", world["img"], "--text", "🙂🙂",
+                    "--out", str(tmp_path / "o.png"), warnings="default")
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "no word tokens" in line]) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------- hostile files: nothing runs
+class Payload:
+    """Unpickling this calls os.system: the marker file appears if anything executes it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def payload_files(folder: Path) -> dict:
+    marker = folder / "EXECUTED"
+    ckpt = {"model": Payload(marker), "config": {}}
+    torch.save(ckpt, folder / "zip.pt")
+    torch.save(ckpt, folder / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(1)}, "extra": Payload(marker)}, folder / "swin.pth")
+    refs_root = folder / "refer"
+    (refs_root / "refcoco").mkdir(parents=True)
+    (refs_root / "refcoco" / "instances.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with open(refs_root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump([{"ref_id": 1, "payload": Payload(marker)}], f, protocol=2)
+    return {"marker": marker, "refs_root": refs_root}
+
+
+def test_payload_files_are_refused_and_never_run(world, tmp_path):
+    files = payload_files(tmp_path)
+    cases = [
+        (P, ["--checkpoint", str(tmp_path / "zip.pt"), "--image", world["img"], "--text", "x"]),
+        (E, ["--checkpoint", str(tmp_path / "legacy.pt")]),
+        (T, ["--resume", str(tmp_path / "legacy.pt")]),
+        (T, tiny_args(world["cache"], tmp_path / "r1", f"model.backbone.weights={tmp_path / 'swin.pth'}")),
+        (T, tiny_args(world["cache"], tmp_path / "r2", "data.dataset=refcoco", f"data.root={files['refs_root']}")),
+    ]
+    for cli, argv in cases:
+        proc = python_m(cli, *argv)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, (cli, argv, proc.stderr[-1500:])
+        assert err[0].startswith("error: refusing to load") and "posix.system" in err[0], err[0]
+        assert not files["marker"].exists(), (cli, argv)
+
+
+def test_old_checkpoints_with_numpy_rng_state_still_load(world, tmp_path):
+    ckpt = load_checkpoint(world["last"])
+    rng = ckpt["rng"][0]
+    rng["numpy"] = np.random.get_state()  # the layout written before RNG states became tensors
+    rng["python"] = tuple(rng["python"])
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert isinstance(load_checkpoint(tmp_path / "old.pt")["rng"][0]["numpy"][1], np.ndarray)
+
+
+# ---------------------------------------------------------------- interrupted runs
+def test_kill_9_during_a_checkpoint_write_then_resume_exactly(world, tmp_path):
+    base = [o for o in tiny_args(world["cache"], tmp_path / "x") if not o.startswith("train.out_dir")]
+    base += ["train.epochs=2", "eval.language_check=false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(train.main, base + [f"train.out_dir={full}", "train.max_steps=3"])
+    run(train.main, base + [f"train.out_dir={part}", "train.max_steps=2"])
+    # A second process writes a large checkpoint over part/last.pt and is killed mid-write.
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import torch; from crformer.checkpoint import save_atomic; "
+        f"save_atomic({{'model': {{'w': torch.randn(2**27)}}, 'config': {{}}}}, {str(part / 'last.pt')!r})")],
+        cwd=REPO)
+    deadline = time.time() + 120
+    while not list(part.glob(".last.pt.*.tmp")) and time.time() < deadline and writer.poll() is None:
+        time.sleep(0.01)
+    assert list(part.glob(".last.pt.*.tmp")), "the writer finished before it could be killed"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert list(part.glob(".last.pt.*.tmp")) and load_checkpoint(part / "last.pt")["step"] == 2
+    run(train.main, ["--resume", str(part / "last.pt"), "train.max_steps=3"])
+    assert not list(part.glob("*.tmp")) and not list(part.glob(".*.tmp"))
+    assert load_checkpoint(part / "last.pt")["step"] == 3
+    assert train_losses(part)[3] == pytest.approx(train_losses(full)[3], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_stops_training_like_ctrl_c(world, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "crformer.train",
+                             *tiny_args(world["cache"], out, "train.epochs=50", "train.checkpoint_every=1")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
+    assert not list(out.glob(".*.tmp"))
+    assert load_checkpoint(out / "last.pt")["step"] >= 1
