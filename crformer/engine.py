@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from crformer.data.dataset import Collate, RefDataset, resize_mask
+from crformer.data.dataset import Collate, RefDataset, resize_mask_nearest
 from crformer.data.image import load_image
 from crformer.distributed import all_reduce_sum
 from crformer.metrics import RISMetrics
@@ -99,7 +99,8 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
             if s.kind in by_kind:
                 by_kind[s.kind].update(pred, gt)
             if protocol == "lavt":
-                lavt.update(upsample_mask(logits[b], (size, size)), resize_mask(gt, size))
+                # LAVT's test.py: the prediction at S×S, the ground truth resized to S×S by PIL nearest.
+                lavt.update(upsample_mask(logits[b], (size, size)), resize_mask_nearest(gt, size))
             if vis_left > 0 and vis_dir:
                 from crformer.visualize import save_side_by_side
 

@@ -27,9 +27,20 @@ def _normalise(u8: torch.Tensor) -> torch.Tensor:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Bool H×W → bool S×S (area-weighted, then ≥ 0.5), for training targets and the S×S protocol."""
+    """Bool H×W → bool S×S (area-weighted, then ≥ 0.5), for training targets. (The S×S evaluation
+    protocol uses :func:`resize_mask_nearest` instead.)"""
     m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
     return np.asarray(m) >= 128
+
+
+def resize_mask_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool H×W → bool S×S by PIL nearest neighbour: the ground truth of ``--protocol lavt``, as
+    LAVT's test.py makes it (torchvision ``Resize(interpolation=NEAREST)`` on the PIL mask is this
+    call). Output pixel (i, j) is input pixel (⌊(i + ½)·H/S⌋, ⌊(j + ½)·W/S⌋), the one under its
+    centre; exactly on a pixel border PIL's running floating-point sum picks the side, so PIL itself
+    does the resize. Unlike the area-weighted :func:`resize_mask`, it keeps 1-pixel-thin parts
+    (where sampled) instead of dropping or thickening them."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST)) > 0
 
 
 class RefDataset(Dataset):

@@ -39,7 +39,7 @@ class CRFormer(nn.Module):
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
         self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)
         self.decoder = CalibrationDecoder(D, m["num_decoder_layers"], m["num_heads"], m["ffn_dim"],
-                                          m["num_queries"], m["calibration"], backend, len(memory_strides),
+                                          m["num_queries"], m["calibration"], backend,
                                           fold_keys=m["fold_decoder_attention"])
         self.mask_head = MaskHead(D, PixelDecoder.detail_dim if m["mask_stride"] < 4 else 0)
         self.lrm = (LanguageReconstructionModule(D, C_l, d["max_tokens"], m["num_heads"], backend)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention
+from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention, ignore_removed_state
 
 
 class CrossAttentionLayer(nn.Module):
@@ -87,23 +87,26 @@ class CalibrationDecoder(nn.Module):
 
     ``forward(q0 B×N_q×D, memories [B×N_i×D], memory_pos [N_i×D], words B×L×D, mask B×L)``
     → list of the N_d layer outputs, each B×N_q×D.
+
+    No level embedding: the one this decoder had was added to the key positions, where it shifted
+    every score of a query by the same amount; softmax cancels that, so it never learned. Each layer
+    reads one fixed level with its own weights, so it knows the level anyway. Older checkpoints'
+    ``level_embed`` entry is dropped on load.
     """
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, num_queries: int,
-                 calibration: bool = True, backend: str = "auto", num_levels: int = 3, fold_keys: bool = False):
+                 calibration: bool = True, backend: str = "auto", fold_keys: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration, backend, fold_keys)
                                     for _ in range(num_layers))
         self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
-        self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         nn.init.normal_(self.query_pos, std=0.02)
-        nn.init.normal_(self.level_embed, std=0.02)
+        ignore_removed_state(self, "level_embed")
 
     def forward(self, q, memories: list, memory_pos: list, words, mask) -> list:
         outs = []
         for j, layer in enumerate(self.layers):
             lvl = j % len(memories)
-            pos = memory_pos[lvl] + self.level_embed[lvl]
-            q = layer(q, memories[lvl], pos, words, mask, query_pos=self.query_pos)
+            q = layer(q, memories[lvl], memory_pos[lvl], words, mask, query_pos=self.query_pos)
             outs.append(q)
         return outs

@@ -7,13 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crformer.models.decoder import CrossAttentionLayer, FFNLayer
+from crformer.models.layers import ignore_removed_state
 from crformer.models.pixel_decoder import conv_gn_relu
 
 
-def _mlp(din: int, hidden: int, dout: int, layers: int) -> nn.Sequential:
+def _mlp(din: int, hidden: int, dout: int, layers: int, last_bias: bool = True) -> nn.Sequential:
     mods = []
     for i in range(layers):
-        mods.append(nn.Linear(din if i == 0 else hidden, dout if i == layers - 1 else hidden))
+        last = i == layers - 1
+        mods.append(nn.Linear(din if i == 0 else hidden, dout if last else hidden, bias=last_bias or not last))
         if i < layers - 1:
             mods.append(nn.ReLU(inplace=True))
     return nn.Sequential(*mods)
@@ -26,12 +28,17 @@ class MaskHead(nn.Module):
     B×H'×W' when ``detail`` (B×C_d×H'×W', built with ``detail_dim`` = C_d) is given: the mask is
     then upsampled to the detail grid and a residual from two convolutions over [detail, mask]
     sharpens its outline. The residual's last layer starts at zero (plain upsampling).
+
+    The confidence MLP's last layer has no bias: one constant added to every query's confidence,
+    which the softmax over queries cancels (older checkpoints' ``confidence.2.bias`` is dropped on
+    load).
     """
 
     def __init__(self, dim: int, detail_dim: int = 0):
         super().__init__()
         self.mask_embed = _mlp(dim, dim, dim, 3)
-        self.confidence = _mlp(2 * dim, dim, 1, 2)
+        self.confidence = _mlp(2 * dim, dim, 1, 2, last_bias=False)
+        ignore_removed_state(self, "confidence.2.bias")
         self.refine = None
         if detail_dim:
             self.refine = nn.Sequential(conv_gn_relu(detail_dim + 1, detail_dim, 3),

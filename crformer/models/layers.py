@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -13,11 +14,13 @@ from crformer.ops import cross_attention, memory_attention
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.float()
+    """``t`` in at least fp32: bf16/fp16 → fp32, fp32 and fp64 unchanged (a float64 model stays float64)."""
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that normalises in fp32 and returns fp32, on every device: B×…×C → B×…×C.
+    """``nn.LayerNorm`` that normalises in fp32 and returns fp32 (fp64 in a float64 model), on every
+    device: B×…×C → B×…×C.
 
     CUDA autocast already runs layer_norm in fp32; CPU autocast runs it in bf16, and then the
     weight and bias gradients (sums over every token of the batch) come out 20–70 % off their fp32
@@ -26,15 +29,15 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps)
+        return F.layer_norm(_fp32(x), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps)
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` computed in fp32 and returned in fp32 (B×C×H×W), for the reason of
-    :class:`LayerNorm`."""
+    """``nn.GroupNorm`` computed and returned in fp32 (fp64 in a float64 model), B×C×H×W, for the
+    reason of :class:`LayerNorm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, _fp32(self.weight), _fp32(self.bias), self.eps)
+        return F.group_norm(_fp32(x), self.num_groups, _fp32(self.weight), _fp32(self.bias), self.eps)
 
 
 def use_fp32_norms(module: nn.Module) -> nn.Module:
@@ -48,6 +51,20 @@ def use_fp32_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def ignore_removed_state(module: nn.Module, *names: str) -> None:
+    """Make ``module.load_state_dict`` drop the entries ``names`` (relative to ``module``) that older
+    checkpoints carry for parameters since removed because softmax cancelled them (their gradient
+    was 0, so they held their initial values and acted on no output: dropping them changes nothing).
+    Without this, loading such a checkpoint would report them as unexpected keys. (A partial of a
+    module-level function, not a closure: the model stays picklable.)"""
+    module.register_load_state_dict_pre_hook(functools.partial(_drop_state, names))
+
+
+def _drop_state(names: tuple, _module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    for name in names:
+        state_dict.pop(prefix + name, None)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention whose core is :func:`crformer.ops.cross_attention`.
 
@@ -56,14 +73,17 @@ class MultiHeadAttention(nn.Module):
     bool with True = valid key. Every attention site of the model goes through this class, so the
     backend switch reaches all of them.
 
+    The key projection has no bias: it would add a per-query constant to every score, which softmax
+    cancels, so it could never learn (its gradient is 0). Checkpoints from before still load: their
+    ``k_proj.bias`` entries are dropped (:func:`ignore_removed_state`).
+
     ``fold_keys=True`` computes the same function with the key and value projections folded into
     the queries (DESIGN §3), for few queries over a long memory: head h's scores are
-    (W_qh q + b_qh)·(W_kh k + b_kh) = [W_khᵀ(W_qh q + b_qh)]·k + a per-query constant that softmax
-    cancels, and its output is W_vh (Σ a·v) + b_vh because attention rows sum to 1 (0 for a fully
-    masked row). So all heads become one d_kv-wide :func:`crformer.ops.memory_attention` over the
-    raw memory (keys = memory + key_pos, values = memory; a separate ``value`` is not supported),
-    with the H·M folded queries stacked on the query axis: the memory is read once, never
-    projected. Same parameters, so a checkpoint loads either way.
+    (W_qh q + b_qh)·(W_kh k) = [W_khᵀ(W_qh q + b_qh)]·k, and its output is W_vh (Σ a·v) + b_vh because
+    attention rows sum to 1 (0 for a fully masked row). So all heads become one d_kv-wide
+    :func:`crformer.ops.memory_attention` over the raw memory (keys = memory + key_pos, values =
+    memory; a separate ``value`` is not supported), with the H·M folded queries stacked on the query
+    axis: the memory is read once, never projected. Same parameters, so a checkpoint loads either way.
     """
 
     def __init__(self, d_q: int, d_kv: int, d_attn: int, num_heads: int, d_out: Optional[int] = None,
@@ -75,11 +95,10 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.fold_keys = fold_keys
         self.q_proj = nn.Linear(d_q, d_attn)
-        self.k_proj = nn.Linear(d_kv, d_attn)
+        self.k_proj = nn.Linear(d_kv, d_attn, bias=False)
         self.v_proj = nn.Linear(d_kv, d_attn)
         self.out_proj = nn.Linear(d_attn, d_out or d_q)
-        if fold_keys:  # its gradient is exactly 0 (softmax cancels it); frozen, DDP sees no unused parameter
-            self.k_proj.bias.requires_grad_(False)
+        ignore_removed_state(self, "k_proj.bias")
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from crformer.models.layers import LayerNorm, MultiHeadAttention
+from crformer.models.layers import LayerNorm, MultiHeadAttention, ignore_removed_state
 
 
 class QueryGenerationModule(nn.Module):
@@ -14,14 +14,18 @@ class QueryGenerationModule(nn.Module):
     vector as residual.
 
     ``forward(feat B×D×h×w, words B×L×D, mask B×L, sentence B×D)`` → Q_0 B×N_q×D.
+
+    The spatial maps' 1×1 convolution has no bias: one constant per map, softmax over the map's
+    positions cancels it (older checkpoints' ``spatial.bias`` is dropped on load).
     """
 
     def __init__(self, dim: int, num_queries: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.context = nn.Linear(dim, dim)
-        self.spatial = nn.Conv2d(dim, num_queries, 1)
+        self.spatial = nn.Conv2d(dim, num_queries, 1, bias=False)
         self.word_attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
         self.norm = LayerNorm(dim)
+        ignore_removed_state(self, "spatial.bias")
 
     def forward(self, feat: torch.Tensor, words: torch.Tensor, mask: torch.Tensor, sentence: torch.Tensor):
         conditioned = feat * torch.sigmoid(self.context(sentence))[:, :, None, None]
