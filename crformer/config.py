@@ -23,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
         "root": None,                  # REFER root; synthetic: generated into cache_dir when null
         "split_by": "unc",             # unc | umd | google
         "train_split": "train",
-        "val_splits": ["val_easy", "val_hard"],
+        "val_splits": ["val_easy", "val_hard"],  # evaluated every epoch; best.pt is chosen on them
+        "test_splits": [],             # read once, by the final report from best.pt (never for selection)
         "image_size": 64,              # images resized to S×S
         "max_tokens": 20,              # sentences padded/truncated to this many tokens
         "image_dir": None,             # default: REFER convention for the dataset
@@ -69,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 5,
         "batch_size": 32,              # global batch (split over DDP ranks)
         "lr": 1e-3,
-        "backbone_lr": None,           # null: same as lr
+        "backbone_lr": None,           # pretrained Swin weights (not the new VLF modules); null: lr
         "text_lr": 1e-5,
         "weight_decay": 1e-2,
         "warmup_iters": 100,
@@ -211,7 +212,7 @@ _PATH = ("a non-empty path", lambda v: isinstance(v, str) and v.strip() != "")
 
 RULES: dict[str, tuple] = {
     "data.dataset": _NAME, "data.root": _optional(_PATH), "data.split_by": _NAME, "data.train_split": _NAME,
-    "data.val_splits": _list_of(_NAME),
+    "data.val_splits": _list_of(_NAME), "data.test_splits": _list_of(_NAME, 0),
     "data.image_size": ("a multiple of 32, at least 32 (Swin's coarsest stage has stride 32)",
                         lambda v: _is_int(v) and v >= 32 and v % 32 == 0),
     "data.max_tokens": _int(3, 512), "data.image_dir": _optional(_PATH), "data.cache_dir": _PATH,
@@ -255,6 +256,10 @@ def validate_config(cfg: dict) -> None:
         what, ok = RULES[key]
         if not ok(value):
             raise UserError(f"config {key} must be {what}; got {value!r}")
+    d = cfg["data"]
+    overlap = sorted(set(d["val_splits"]) & set(d["test_splits"]) | {d["train_split"]} & set(d["test_splits"]))
+    if overlap:
+        raise UserError(f"config data.test_splits must not also be a training or selection split: {overlap[0]!r}")
     m = cfg["model"]
     if m["d_model"] % m["num_heads"]:
         raise UserError(f"config model.d_model={m['d_model']} must be divisible by model.num_heads={m['num_heads']}")

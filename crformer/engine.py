@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from crformer.data.dataset import Collate, RefDataset, resize_mask_nearest
-from crformer.data.image import load_image
+from crformer.data.dataset import Collate, RefDataset, load_sample_image, resize_mask_nearest
 from crformer.distributed import all_reduce_sum
 from crformer.metrics import RISMetrics
 
@@ -105,7 +104,7 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
                 from crformer.visualize import save_side_by_side
 
                 Path(vis_dir).mkdir(parents=True, exist_ok=True)
-                save_side_by_side(load_image(s.image_path), pred, gt, s.sentence,
+                save_side_by_side(load_sample_image(s), pred, gt, s.sentence,
                                   str(Path(vis_dir) / f"{split}_{i:05d}.png"), iou)
                 vis_left -= 1
         pairs = [(b, i, partner[i]) for b, i in enumerate(idx) if i in partner]

@@ -2,7 +2,8 @@
 
 Single process on CPU or one GPU, or many through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU).
 Writes to ``train.out_dir``: ``log.jsonl`` (loss terms, lr, images/s), ``last.pt`` (every epoch and
-every ``train.checkpoint_every`` steps), ``best.pt`` (best mean val oIoU), ``metrics.json``.
+every ``train.checkpoint_every`` steps), ``best.pt`` (best mean oIoU over ``data.val_splits``; test splits are
+read only by the final report), ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -33,21 +34,30 @@ from crformer.models.losses import crformer_loss
 from crformer.models.text_encoder import SentenceTokenizer
 from crformer.ops import set_default_backend
 
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "query_pos",
-                  "level_embed", "slots")
+#: Parameters named like this are position tables: no weight decay (with norms, biases and every
+#: embedding table, see :func:`param_groups`).
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "query_pos", "slots")
 
 
-def param_groups(model, cfg: dict) -> list:
-    """AdamW groups: backbone / text encoder / rest, each split into decay and no-decay (norms,
-    biases and position tables get no weight decay)."""
+def param_groups(model: torch.nn.Module, cfg: dict) -> list:
+    """AdamW groups: (pretrained Swin | text encoder | the rest) × (decay | no decay).
+
+    Learning rates: ``train.backbone_lr`` (null: ``train.lr``) for the pretrained Swin weights only,
+    ``train.text_lr`` for the text encoder, ``train.lr`` for everything new — the VLF modules inside
+    the backbone included, since they start from random weights like the decoder. Weight decay:
+    none on norms, biases, position tables and embedding tables (BERT's word, position and
+    token-type embeddings: LAVT decays them, but decay pulls rarely seen words' rows to zero, the
+    reason BERT-style recipes exempt embeddings); ``train.weight_decay`` on the rest."""
     t = cfg["train"]
     lrs = {"backbone": t["backbone_lr"] or t["lr"], "text": t["text_lr"], "head": t["lr"]}
+    no_decay_modules = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    exempt = {id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = "backbone" if name.startswith("backbone.swin.") else "text" if name.startswith("text_encoder.") else "head"
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES))
+        decay = not (id(p) in exempt or p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES))
         key = (part, decay)
         if key not in groups:
             groups[key] = {"params": [], "lr": lrs[part], "weight_decay": t["weight_decay"] if decay else 0.0,
@@ -93,7 +103,8 @@ class Trainer:
         barrier()
         if not is_main():
             self.refer = open_refer(cfg)
-        missing = [s for s in [cfg["data"]["train_split"], *cfg["data"]["val_splits"]] if s not in self.refer.splits()]
+        d = cfg["data"]
+        missing = [s for s in [d["train_split"], *d["val_splits"], *d["test_splits"]] if s not in self.refer.splits()]
         if missing:
             raise UserError(f"split {missing[0]!r} is not in {self.refer.refs_path} "
                             f"(splits: {', '.join(self.refer.splits())})")
@@ -121,7 +132,12 @@ class Trainer:
         self.history: list = []
         if ckpt is not None:
             load_model_state(self.model, ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # parameter groups of another model version
+                raise UserError(f"the optimizer state in {resume} does not fit this model's parameters ({e}); "
+                                "it was written before parameters were removed; evaluate and predict still load it, "
+                                "but its training cannot be resumed") from None
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt.get("history", [])
             set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
@@ -159,11 +175,11 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ loop
-    def validate(self, language_check: bool = False, progress: bool = False) -> dict:
+    def evaluate(self, splits: list, language_check: bool = False, progress: bool = False) -> dict:
         return {split: evaluate_split(self.model, self.refer, split, self.cfg, self.tokenizer, self.device,
                                       protocol=self.cfg["eval"]["protocol"], language_check=language_check,
                                       rank=self.rank, world=self.world, progress=progress)
-                for split in self.cfg["data"]["val_splits"]}
+                for split in splits}
 
     def train_step(self, batch) -> dict:
         t = self.cfg["train"]
@@ -222,7 +238,7 @@ class Trainer:
             if not epoch_done:  # stopped by max_steps mid-epoch: keep a resumable checkpoint
                 self.checkpoint("last.pt")
                 break
-            results = self.validate()
+            results = self.evaluate(self.cfg["data"]["val_splits"])  # selection: val splits only, never test
             score = float(np.mean([r["overall"]["oIoU"] for r in results.values()]))
             summary = {split: {k: round(v, 4) for k, v in r["overall"].items()} for split, r in results.items()}
             self.history.append({"epoch": epoch + 1, "step": self.step, "val": summary})
@@ -237,21 +253,28 @@ class Trainer:
             self.checkpoint("last.pt", summary)
 
     def final_report(self) -> dict:
-        """Evaluate the best checkpoint on every val split, with the per-kind breakdown and the
-        language check; print the table and write metrics.json."""
+        """Evaluate the best checkpoint on the val splits (per-kind breakdown, language check), then,
+        once, on the test splits (the only time training reads them); print one table under
+        "validation" and one under "test", write metrics.json (split → results)."""
         best = self.out / "best.pt"
         barrier()
         if best.is_file():
             load_model_state(self.model, load_checkpoint(best)["model"])
-        results = self.validate(language_check=self.cfg["eval"]["language_check"], progress=is_main())
+        d, e = self.cfg["data"], self.cfg["eval"]
+        sections = {"validation": self.evaluate(d["val_splits"], e["language_check"], progress=is_main()),
+                    "test": self.evaluate(d["test_splits"], e["language_check"], progress=is_main())}
         if is_main():
-            (self.out / "metrics.json").write_text(json.dumps(results, indent=1))
-            print(f"\nvalidation ({'best' if best.is_file() else 'last'} checkpoint, protocol "
-                  f"{self.cfg['eval']['protocol']}; values in %)")
-            print(format_table(report_rows(results)))
-            for line in language_check_lines(results):
-                print(line)
-        return results
+            (self.out / "metrics.json").write_text(json.dumps({**sections["validation"], **sections["test"]},
+                                                              indent=1))
+            for heading, results in sections.items():
+                if not results:
+                    continue
+                print(f"\n{heading} ({'best' if best.is_file() else 'last'} checkpoint, protocol "
+                      f"{e['protocol']}; values in %)")
+                print(format_table(report_rows(results)))
+                for line in language_check_lines(results):
+                    print(line)
+        return {**sections["validation"], **sections["test"]}
 
 
 def main(argv=None) -> None:

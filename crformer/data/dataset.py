@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from crformer.data.image import load_image
 from crformer.data.refer import REFER, RefSample
+from crformer.errors import UserError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -41,6 +42,17 @@ def resize_mask_nearest(mask: np.ndarray, size: int) -> np.ndarray:
     does the resize. Unlike the area-weighted :func:`resize_mask`, it keeps 1-pixel-thin parts
     (where sampled) instead of dropping or thickening them."""
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST)) > 0
+
+
+def load_sample_image(sample: RefSample) -> Image.Image:
+    """The sample's image as 8-bit RGB. Its decoded size (after EXIF orientation) must be the
+    width×height that instances.json gives: the masks are drawn at that size, so any other size
+    would misalign every mask silently. A mismatch is a UserError naming the image."""
+    img = load_image(sample.image_path)
+    if (img.width, img.height) != (sample.width, sample.height):
+        raise UserError(f"image {sample.image_path} decodes to {img.width}×{img.height} (after EXIF orientation) "
+                        f"but instances.json gives {sample.width}×{sample.height}: its masks would not line up")
+    return img
 
 
 class RefDataset(Dataset):
@@ -85,9 +97,9 @@ class RefDataset(Dataset):
 
     def image(self, sample: RefSample) -> torch.Tensor:
         if self._images is None:
-            return image_to_tensor(load_image(sample.image_path), self.size)
+            return image_to_tensor(load_sample_image(sample), self.size)
         if sample.image_id not in self._images:
-            img = load_image(sample.image_path).resize((self.size, self.size), Image.BILINEAR)
+            img = load_sample_image(sample).resize((self.size, self.size), Image.BILINEAR)
             self._images[sample.image_id] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return _normalise(self._images[sample.image_id])
 
