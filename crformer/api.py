@@ -21,7 +21,7 @@ from crformer.checkpoint import load_checkpoint, load_model_state
 from crformer.config import merge_config
 from crformer.data.dataset import image_to_tensor
 from crformer.data.image import load_image, to_rgb
-from crformer.engine import predict_logits, upsample_mask
+from crformer.engine import compile_mode, predict_logits, upsample_mask
 from crformer.errors import UserError
 from crformer.models import build_model
 from crformer.models.text_encoder import SentenceTokenizer
@@ -55,6 +55,9 @@ class Segmenter:
                  device: torch.device | None = None, batch_size: int = 16):
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
+        mode = compile_mode(cfg["train"]["compile"], cfg["train"]["cuda_graphs"] and self.device.type == "cuda")
+        if mode is not None:  # train.compile applies to inference too (override it with train.compile=none)
+            self.model = torch.compile(self.model, mode=mode)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.batch_size = batch_size

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "lrm": True,                   # Language Reconstruction Module (training only)
         "attn_backend": "auto",        # auto | reference | sdpa | triton | xformers
         "fold_decoder_attention": False,  # same function, projections folded into the queries (§3)
+        "grad_checkpointing": False,   # recompute Swin stages and decoder layers in backward: less memory
     },
     "loss": {
         "aux_weight": 0.5,             # weight of each auxiliary decoder-layer mask loss
@@ -68,7 +69,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "epochs": 5,
-        "batch_size": 32,              # global batch (split over DDP ranks)
+        "batch_size": 32,              # global batch = micro-batch × grad_accum × DDP ranks
+        "grad_accum": 1,               # micro-batches per optimizer step (same update as the whole batch)
+        "compile": "none",             # none | default | max-autotune: torch.compile of model + loss
+        "cuda_graphs": False,          # CUDA only: replay the compiled step from CUDA graphs
         "lr": 1e-3,
         "backbone_lr": None,           # pretrained Swin weights (not the new VLF modules); null: lr
         "text_lr": 1e-5,
@@ -228,10 +232,12 @@ RULES: dict[str, tuple] = {
     "model.num_decoder_layers": _int(1), "model.num_heads": _int(1), "model.ffn_dim": _int(1),
     "model.memory_strides": _list_of(_one_of(4, 8, 16, 32)), "model.mask_stride": _one_of(1, 2, 4),
     "model.calibration": _BOOL, "model.lrm": _BOOL, "model.attn_backend": _one_of("auto", *BACKENDS),
-    "model.fold_decoder_attention": _BOOL,
+    "model.fold_decoder_attention": _BOOL, "model.grad_checkpointing": _BOOL,
     "loss.aux_weight": _num(0), "loss.dice_weight": _num(0), "loss.rec_weight": _num(0),
     "loss.rec_sentence_weight": _num(0),
-    "train.epochs": _int(1), "train.batch_size": _int(1), "train.lr": _num(0, strict=True),
+    "train.epochs": _int(1), "train.batch_size": _int(1), "train.grad_accum": _int(1),
+    "train.compile": _one_of("none", "default", "max-autotune"), "train.cuda_graphs": _BOOL,
+    "train.lr": _num(0, strict=True),
     "train.backbone_lr": _optional(_num(0, strict=True)), "train.text_lr": _num(0), "train.weight_decay": _num(0),
     "train.warmup_iters": _int(0), "train.poly_power": _num(0), "train.grad_clip": _num(0),
     "train.amp": _one_of("auto", "bf16", "none"), "train.seed": _int(0), "train.out_dir": _PATH,

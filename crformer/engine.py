@@ -26,6 +26,14 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
+def compile_mode(compile: str, cuda_graphs: bool) -> str | None:
+    """``torch.compile`` mode for ``train.compile`` × ``train.cuda_graphs`` (None: stay eager).
+    CUDA graphs come with inductor's ``reduce-overhead`` (``max-autotune`` includes them)."""
+    if cuda_graphs:
+        return "max-autotune" if compile == "max-autotune" else "reduce-overhead"
+    return {"none": None, "default": "default", "max-autotune": "max-autotune-no-cudagraphs"}[compile]
+
+
 @torch.no_grad()
 def predict_logits(model, images, input_ids, attention_mask, amp: str = "auto") -> torch.Tensor:
     """Mask logits B×(S/s)×(S/s) (s = model.mask_stride) in fp32 for a batch (model in eval mode)."""

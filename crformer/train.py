@@ -8,6 +8,7 @@ read only by the final report), ``metrics.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -26,7 +27,7 @@ from crformer.config import load_config, merge_config
 from crformer.data import open_refer
 from crformer.data.dataset import Collate, RefDataset
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
-from crformer.engine import autocast_context, evaluate_split, language_check_lines, report_rows
+from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
 from crformer.errors import UserError
 from crformer.metrics import format_table
 from crformer.models import build_model
@@ -75,6 +76,28 @@ def poly_with_warmup(total: int, warmup: int, power: float):
     return f
 
 
+def accumulate_gradients(forward_loss, inputs: list, accum: int, no_sync=contextlib.nullcontext) -> dict:
+    """Backward of one batch in ``accum`` equal micro-batches: the gradients (and the returned,
+    detached loss terms) equal those of the whole batch at once.
+
+    ``inputs``: [images B×3×S×S, input_ids B×L, attention_mask B×L, target B×H×W]; ``forward_loss(
+    images, ids, mask, target, num_tokens)`` → loss terms of a micro-batch. Every term is a mean over
+    samples or pixels except the reconstruction loss, a mean over valid tokens: each micro-batch
+    divides by the whole batch's token count ÷ ``accum``. ``no_sync``: DDP's, so the gradients are
+    all-reduced once, after the last micro-batch."""
+    micro = inputs[0].shape[0] // accum
+    num_tokens = inputs[2].sum() / accum
+    total: dict = {}
+    for i in range(accum):
+        part = [x[i * micro:(i + 1) * micro] for x in inputs]
+        with no_sync() if i < accum - 1 else contextlib.nullcontext():
+            terms = forward_loss(*part, num_tokens)
+            (terms["total"] / accum).backward()
+        for k, v in terms.items():
+            total[k] = total.get(k, 0) + v.detach() / accum
+    return total
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,8 +110,11 @@ class Trainer:
         ckpt = load_checkpoint(resume) if resume else None
         self.cfg = cfg
         t = cfg["train"]
-        if t["batch_size"] % self.world:
-            raise UserError(f"train.batch_size={t['batch_size']} is not divisible by {self.world} processes")
+        if t["cuda_graphs"] and self.device.type != "cuda":
+            raise UserError(f"train.cuda_graphs=true needs a CUDA device; this run is on {self.device.type}")
+        if t["batch_size"] % (self.world * t["grad_accum"]):
+            raise UserError(f"train.batch_size={t['batch_size']} is not divisible by {self.world} process(es) × "
+                            f"train.grad_accum={t['grad_accum']} micro-batches")
         if t["num_threads"]:
             torch.set_num_threads(t["num_threads"])
         seed_everything(t["seed"] + self.rank)
@@ -122,6 +148,11 @@ class Trainer:
         self.total_steps = t["epochs"] * self.steps_per_epoch
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
+        mode = compile_mode(t["compile"], t["cuda_graphs"])
+        # Static shapes: sentences are padded to max_tokens and every batch is full (drop_last), so
+        # one graph serves the whole run. Checkpoints keep self.model's plain keys either way.
+        self.step_loss = self.forward_loss if mode is None else torch.compile(self.forward_loss, mode=mode,
+                                                                               dynamic=False)
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: 4× faster than the
         # per-tensor loop on CPU (41 → 10 ms per step for the default model, 2 cores).
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=t["lr"], weight_decay=t["weight_decay"],
@@ -181,21 +212,25 @@ class Trainer:
                                       rank=self.rank, world=self.world, progress=progress)
                 for split in splits}
 
+    def forward_loss(self, images, input_ids, attention_mask, target, num_tokens) -> dict:
+        """Loss terms of one (micro-)batch; what ``train.compile`` compiles."""
+        with autocast_context(self.device, self.cfg["train"]["amp"]):
+            out = self.ddp(images, input_ids, attention_mask)
+            return crformer_loss(out, target, self.cfg["loss"], num_tokens)
+
     def train_step(self, batch) -> dict:
         t = self.cfg["train"]
-        images = batch["image"].to(self.device, non_blocking=True)
-        target = batch["mask"].to(self.device, non_blocking=True)
-        with autocast_context(self.device, t["amp"]):
-            out = self.ddp(images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            terms = crformer_loss(out, target, self.cfg["loss"])
+        inputs = [batch[k].to(self.device, non_blocking=True) for k in ("image", "input_ids", "attention_mask", "mask")]
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        no_sync = self.ddp.no_sync if self.world > 1 else contextlib.nullcontext
+        terms = accumulate_gradients(self.step_loss, inputs, t["grad_accum"], no_sync)
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {k: v.detach().item() for k, v in terms.items()}
+        # The step's one host sync: the logged loss terms.
+        return dict(zip(terms, torch.stack(list(terms.values())).tolist()))
 
     def fit(self) -> None:
         t = self.cfg["train"]

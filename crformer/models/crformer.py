@@ -44,6 +44,13 @@ class CRFormer(nn.Module):
         self.mask_head = MaskHead(D, PixelDecoder.detail_dim if m["mask_stride"] < 4 else 0)
         self.lrm = (LanguageReconstructionModule(D, C_l, d["max_tokens"], m["num_heads"], backend)
                     if m["lrm"] else None)
+        self.set_grad_checkpointing(m["grad_checkpointing"])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward instead of keeping them: every Swin stage (timm's own
+        switch) and every decoder layer. Same gradients; less memory for about a third more compute."""
+        self.backbone.swin.set_grad_checkpointing(enable)
+        self.decoder.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         mask = attention_mask.bool()

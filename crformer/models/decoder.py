@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention, ignore_removed_state
 
@@ -92,7 +93,12 @@ class CalibrationDecoder(nn.Module):
     every score of a query by the same amount; softmax cancels that, so it never learned. Each layer
     reads one fixed level with its own weights, so it knows the level anyway. Older checkpoints'
     ``level_embed`` entry is dropped on load.
+
+    ``grad_checkpointing = True`` keeps only each layer's input in training and recomputes the
+    layer in backward (same gradients, less activation memory).
     """
+
+    grad_checkpointing: bool = False
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, num_queries: int,
                  calibration: bool = True, backend: str = "auto", fold_keys: bool = False):
@@ -107,6 +113,10 @@ class CalibrationDecoder(nn.Module):
         outs = []
         for j, layer in enumerate(self.layers):
             lvl = j % len(memories)
-            q = layer(q, memories[lvl], memory_pos[lvl], words, mask, query_pos=self.query_pos)
+            args = (q, memories[lvl], memory_pos[lvl], words, mask, self.query_pos)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                q = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                q = layer(*args)
             outs.append(q)
         return outs

@@ -24,15 +24,17 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1
 
 
 def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                        sentence_weight: float = 0.0) -> torch.Tensor:
+                        sentence_weight: float = 0.0, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Masked (1 − cosine) per valid token, averaged; plus ``sentence_weight`` × (1 − cosine) of the
     masked-mean-pooled sentences. ``target`` (B×L×C_l) is detached: the loss trains the decoder to
-    keep the language, not the text encoder to be easy to reconstruct."""
+    keep the language, not the text encoder to be easy to reconstruct. ``num_tokens`` replaces this
+    batch's valid-token count as the divisor: a micro-batch of gradient accumulation passes the
+    whole batch's count ÷ micro-batches, so the accumulated loss is the whole batch's average."""
     target = target.detach().float()
     rec = rec.float()
     valid = mask.float()
     per_token = 1 - F.cosine_similarity(rec, target, dim=-1)
-    loss = (per_token * valid).sum() / valid.sum().clamp_min(1)
+    loss = (per_token * valid).sum() / (valid.sum() if num_tokens is None else num_tokens).clamp_min(1)
     if sentence_weight:
         s_rec, s_tgt = masked_pool(rec, mask), masked_pool(target, mask)
         has = mask.any(dim=1).float()
@@ -41,15 +43,17 @@ def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return loss
 
 
-def crformer_loss(outputs: dict, target: torch.Tensor, cfg: dict) -> dict:
-    """Total loss and its terms. ``target``: B×H×W float {0,1}. ``cfg``: the ``loss`` section."""
+def crformer_loss(outputs: dict, target: torch.Tensor, cfg: dict, num_tokens: torch.Tensor | None = None) -> dict:
+    """Total loss and its terms. ``target``: B×H×W float {0,1}. ``cfg``: the ``loss`` section.
+    ``num_tokens``: see :func:`reconstruction_loss` (every other term is a mean over samples or
+    pixels, so equal micro-batches average to the whole batch's value already)."""
     terms = {"mask": mask_loss(outputs["pred_masks"], target, cfg["dice_weight"])}
     aux = outputs.get("aux_masks", [])
     terms["aux"] = sum(mask_loss(a, target, cfg["dice_weight"]) for a in aux) if aux else target.new_zeros(())
     total = terms["mask"] + cfg["aux_weight"] * terms["aux"]
     if outputs.get("rec") is not None:
         terms["rec"] = reconstruction_loss(outputs["rec"], outputs["lang"], outputs["lang_mask"],
-                                           cfg["rec_sentence_weight"])
+                                           cfg["rec_sentence_weight"], num_tokens)
         total = total + cfg["rec_weight"] * terms["rec"]
     terms["total"] = total
     return terms

@@ -1,0 +1,129 @@
+"""The training step: gradient accumulation, activation checkpointing, torch.compile, CUDA graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crformer import train
+from crformer.cli import run
+from crformer.config import load_config
+from crformer.models import build_model
+from crformer.models.losses import crformer_loss
+from crformer.train import accumulate_gradients
+from tests.conftest import TINY_MODEL
+
+
+def float64_model(*overrides: str):
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_MODEL + ["data.image_size=64", *overrides])
+    model = build_model(cfg).double().train()
+    model.text_encoder.use_cache = False  # the frozen encoder's feature cache is fp32
+    with torch.no_grad():  # zero-initialised gates would hide the gradients behind them
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(std=0.02)
+    return cfg, model
+
+
+def random_batch(model, batch: int, size: int = 64, length: int = 20, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, length + 1, (batch,), generator=g)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    ids = torch.randint(1000, model.text_encoder.bert.config.vocab_size, (batch, length), generator=g) * mask
+    images = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+    target = (torch.rand(batch, size, size, generator=g) > 0.6).double()
+    return [images, ids, mask, target]
+
+
+def gradients(model, cfg, inputs, accum: int) -> tuple[dict, dict]:
+    def forward_loss(images, ids, mask, target, num_tokens):
+        return crformer_loss(model(images, ids, mask), target, cfg["loss"], num_tokens)
+
+    model.zero_grad(set_to_none=True)
+    terms = accumulate_gradients(forward_loss, inputs, accum)
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accum_4_gives_the_update_of_the_whole_batch():
+    # float64 and no randomness in the model (drop_path 0, frozen encoder in eval mode): the
+    # micro-batches sum to the whole batch's loss up to rounding. The mask loss itself runs in fp32
+    # (logits.float(), for bf16 training), so terms and gradients agree to fp32 rounding of sums
+    # (seen: 1e-9 relative), not to float64's; a wrong divisor or a missing micro-batch is ≥ 1e-2.
+    cfg, model = float64_model("loss.rec_sentence_weight=0.5")
+    inputs = random_batch(model, 8)
+    whole_terms, whole = gradients(model, cfg, inputs, accum=1)
+    accum_terms, accumulated = gradients(model, cfg, inputs, accum=4)
+    assert whole.keys() == accumulated.keys() and len(whole) > 100
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-9, atol=1e-12, msg=name)
+    for key in whole_terms:
+        torch.testing.assert_close(accum_terms[key], whole_terms[key], rtol=1e-7, atol=1e-10)
+    # The token-averaged reconstruction term is what needs the whole batch's divisor: the sentences
+    # have different lengths, so a plain mean of micro-batch means would differ.
+    assert whole_terms["rec"] != pytest.approx(
+        sum(crformer_loss(model(*x[:3]), x[3], cfg["loss"])["rec"].item()
+            for x in zip(*[t.split(2) for t in inputs])) / 4, rel=1e-9)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg, model = float64_model()
+    inputs = random_batch(model, 4)
+    _, plain = gradients(model, cfg, inputs, accum=1)
+    model.set_grad_checkpointing(True)
+    assert model.decoder.grad_checkpointing and all(s.grad_checkpointing for s in model.backbone.swin.layers)
+    _, recomputed = gradients(model, cfg, inputs, accum=1)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the option is valid")
+def test_cuda_graphs_on_cpu_is_one_line(tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(train.main, tiny + ["train.cuda_graphs=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: train.cuda_graphs=true needs a CUDA device; this run is on cpu"]
+
+
+# ---------------------------------------------------------------- torch.compile (≈ 3 min per compile on 2 cores)
+def losses(out_dir: Path) -> dict:
+    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in recs if "total" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    """Eager and compiled tiny runs, and each resumed by the other kind from step 3."""
+    base = [o for o in TINY_MODEL] + [f"data.cache_dir={data_cache}", "train.epochs=1", "eval.language_check=false",
+                                      "train.amp=none"]
+    root = tmp_path_factory.mktemp("compile")
+    out = {k: root / k for k in ("eager", "compiled", "eager3", "compiled3")}
+    run(train.main, base + [f"train.out_dir={out['eager']}", "train.max_steps=5"])
+    run(train.main, base + [f"train.out_dir={out['compiled']}", "train.max_steps=5", "train.compile=default"])
+    run(train.main, base + [f"train.out_dir={out['eager3']}", "train.max_steps=3"])
+    run(train.main, base + [f"train.out_dir={out['compiled3']}", "train.max_steps=3", "train.compile=default"])
+    # Each checkpoint continues in the other mode.
+    run(train.main, ["--resume", str(out["eager3"] / "last.pt"), "train.max_steps=5", "train.compile=default"])
+    run(train.main, ["--resume", str(out["compiled3"] / "last.pt"), "train.max_steps=5", "train.compile=none"])
+    return {k: losses(v) for k, v in out.items()} | {"dirs": out}
+
+
+def test_compiled_steps_match_eager(runs):
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert set(eager) == set(compiled) == {1, 2, 3, 4, 5}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-3), (step, eager, compiled)
+
+
+def test_compiled_and_eager_checkpoints_resume_each_other(runs):
+    from crformer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(runs["dirs"]["compiled3"] / "last.pt")
+    assert not any("_orig_mod" in k for k in ckpt["model"])  # plain module keys
+    for resumed in ("eager3", "compiled3"):  # eager3 went on compiled, compiled3 went on eager
+        assert set(runs[resumed]) == {1, 2, 3, 4, 5}
+        for step in (4, 5):
+            assert runs[resumed][step] == pytest.approx(runs["eager"][step], rel=1e-3), (resumed, step)
