@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_BYTES = 50 * 2**20  # H100 and H200 both have 50 MB of L2
@@ -38,6 +39,38 @@ BANDWIDTHS = [
     ("H200", 4.0e12, "H200 ~4.0 TB/s: GUESS of a measured copy (4.8 TB/s spec), not measured here"),
     ("H100", 3.0e12, "H100 3.0 TB/s: measured copy (DESIGN.md §6)"),
 ]
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peak in TFLOP/s, by device name (torch.cuda.get_device_name()), for
+# the MFU column. NVIDIA's datasheets print the bf16 figure *with sparsity* (marked "*"); dense is half of it:
+#   H100 SXM 1,979* -> 989, H100 PCIe 1,513* -> 756 (H100 datasheet table, as reproduced at
+#     archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html: "Shown with sparsity. 1/2 lower without");
+#   H200 (SXM) 1,979* -> 989 (H200 datasheet; same GH100 compute as the H100 SXM; the H200 NVL card is lower
+#     and is NOT matched);
+#   A100 SXM4 / PCIe, 40 / 80 GB: 312 dense, 624* (A100 datasheet nvidia-a100-datasheet-us-nvidia-1758950-r4,
+#     as cited at glennklockwood.com/garden/processors/A100);
+#   L40S 362.05 dense, 733* (L40/L40S datasheet table, as reproduced at mullet.se; the L40 is 181 and NOT matched).
+# (nvidia.com itself was not reachable from the session that wrote this; the figures above agree across the
+# reproductions.) Names are matched strictly; an H100 whose name says neither SXM/HBM3 nor PCIe (H100 NVL), an
+# H200 NVL, a GH200, a MIG slice, any other card and the CPU get no peak: MFU is left blank, never guessed.
+PEAK_BF16_TFLOPS = [
+    (r"\bH100\b.*\bPCIE\b", 756.0, "H100 PCIe: 756 TFLOP/s dense bf16 (datasheet 1,513 with sparsity)"),
+    (r"\bH100\b.*\b(SXM\w*|HBM3)\b", 989.0, "H100 SXM: 989 TFLOP/s dense bf16 (datasheet 1,979 with sparsity)"),
+    (r"\bH200\b(?!.*\bNVL\b)", 989.0, "H200 SXM: 989 TFLOP/s dense bf16 (datasheet 1,979 with sparsity)"),
+    (r"\bA100\b", 312.0, "A100: 312 TFLOP/s dense bf16 (datasheet)"),
+    (r"\bL40S\b", 362.0, "L40S: 362 TFLOP/s dense bf16 (datasheet 362.05; 733 with sparsity)"),
+]
+
+
+def peak_bf16_tflops(name: str) -> tuple[Optional[float], str]:
+    """(dense bf16 peak in TFLOP/s, note) for a CUDA device name; (None, why) when the card is not in the table."""
+    upper = name.upper()
+    if re.search(r"\bMIG\b", upper):
+        return None, f"{name}: MIG slice, no peak (MFU blank)"
+    for pattern, tflops, note in PEAK_BF16_TFLOPS:
+        if re.search(pattern, upper):
+            return tflops, note
+    return None, f"{name}: not in the peak table (MFU blank)"
+
 
 CPU_NOTE = ("CPU-only run: reference and sdpa paths only (torch.compile / FlexAttention / xformers / triton "
             "need CUDA); fp32; no HBM floor; shared CPU, numbers are noisy")
@@ -59,16 +92,19 @@ class Device:
                 if key in self.name.upper():
                     self.bandwidth, self.bandwidth_note = bw, note
                     break
+            self.peak_tflops, self.peak_note = peak_bf16_tflops(self.name)
         else:
             self.name, self.slug = "cpu", "cpu"
             self.bandwidth, self.bandwidth_note = None, "CPU: no HBM floor"
+            self.peak_tflops, self.peak_note = None, "CPU: no peak (MFU blank)"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
 
     def header(self, what: str) -> str:
         lines = [f"== {what} on {self.name} (torch {torch.__version__}, dtype "
                  f"{str(self.dtype).replace('torch.', '')}) =="]
         if self.cuda:
-            lines.append(f"   timing: triton do_bench median (CUDA events); floor: {self.bandwidth_note}")
+            lines.append(f"   timing: triton do_bench median (CUDA events); floor: {self.bandwidth_note}; "
+                         f"MFU peak: {self.peak_note}")
         else:
             lines.append(f"   {CPU_NOTE}; {torch.get_num_threads()} thread(s), perf_counter median")
         return "\n".join(lines)
@@ -78,6 +114,7 @@ class Device:
 
         m = {"device": self.name, "slug": self.slug, "torch": torch.__version__, "dtype": str(self.dtype),
              "bandwidth_Bps": self.bandwidth, "bandwidth_note": self.bandwidth_note,
+             "peak_bf16_tflops": self.peak_tflops, "peak_note": self.peak_note,
              "python": platform.python_version(), "threads": torch.get_num_threads()}
         try:
             import triton
@@ -118,8 +155,13 @@ def time_graph_ms(fn: Callable[[], object], quick: bool = False) -> float:
     return float(do_bench_cudagraph(fn, rep=10 if quick else 25, return_mode="median"))
 
 
-def time_events_ms(fn: Callable[[], object], dev: Device, warmup: int = 3, reps: int = 10) -> float:
-    """Median of per-call times for long calls (a training step): CUDA events or perf_counter."""
+def time_events_ms(fn: Callable[[], object], dev: Device, warmup: int = 3, reps: int = 10,
+                   host_ms: Optional[list] = None) -> float:
+    """Median of per-call times for long calls (a training step): CUDA events or perf_counter.
+
+    On CUDA, ``host_ms`` (a list, if given) receives every call's host time: ``perf_counter`` around the
+    call with no sync, the time Python takes to enqueue it. Host time well below the event time: the GPU
+    is the bottleneck; about equal: the GPU waits for Python (or the call syncs with the host)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -127,14 +169,17 @@ def time_events_ms(fn: Callable[[], object], dev: Device, warmup: int = 3, reps:
         if dev.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+        t0 = time.perf_counter()
+        fn()
+        host = (time.perf_counter() - t0) * 1e3
+        if dev.cuda:
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
+            if host_ms is not None:
+                host_ms.append(host)
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(host)
     return statistics.median(times)
 
 
@@ -200,6 +245,191 @@ def module_bytes(inputs, outputs, module: torch.nn.Module, backward: bool, grad_
         return fwd, 0
     bwd = nbytes(*outputs) + nbytes(*inputs) + params + nbytes(*grad_inputs) + params
     return fwd, bwd
+
+
+# ------------------------------------------------------------------------------------- accounting
+# FLOPs are *model* FLOPs, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the exact call (shapes of
+# the ops that run, not an estimate): matmuls, convolutions and attention, 2 per multiply-add; elementwise ops,
+# norms, softmax and reductions count 0. Attention is 4·B·H·M·N·d forward (QKᵀ and PV) and twice that
+# backward (dQ, dK, dV and dP) on every backend. What a kernel recomputes is not counted: torch's own formulas
+# for its SDPA backwards add the recomputed QKᵀ (a fifth matmul), so :func:`flop_counter` overrides them, and
+# the ops FlopCounterMode cannot see into (our torch.library custom ops, SDPA's CPU flash kernel, which torch
+# has no formula for) get formulas with the same convention; masked pooling counts B·L·C each way (negligible).
+
+
+def attention_flops(B: int, H: int, M: int, N: int, d: int, d_v: Optional[int] = None) -> int:
+    """Model FLOPs of one attention forward: QKᵀ (2·B·H·M·N·d) + PV (2·B·H·M·N·d_v)."""
+    return 2 * B * H * M * N * (d + (d if d_v is None else d_v))
+
+
+# Formulas take the op's arguments with tensors replaced by their shapes (FlopCounterMode's shape_wrapper).
+def _attention_fwd_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:  # q B×H×M×d, k/v B×H×N×d
+    return attention_flops(q[0], q[1], q[2], k[2], q[3], v[3])
+
+
+def _attention_bwd_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_fwd_flops(q, k, v)
+
+
+def _memory_fwd_flops(q, memory, *args, out_shape=None, **kwargs) -> int:  # q B×M×D, memory B×N×D, one head
+    return attention_flops(q[0], 1, q[1], memory[1], q[2])
+
+
+def _memory_bwd_flops(grad_out, q, memory, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _memory_fwd_flops(q, memory)
+
+
+def _pool_flops(x, mask, *args, out_shape=None, **kwargs) -> int:  # x B×L×C
+    return math.prod(x)
+
+
+def _pool_bwd_flops(grad_out, mask, *args, out_shape=None, **kwargs) -> int:  # grad_out B×C, mask B×L
+    return mask[0] * mask[1] * grad_out[1]
+
+
+# (namespace, op) -> formula, registered with register_flop_formula where the op exists and has none.
+FLOP_FORMULAS = {
+    ("aten", "_scaled_dot_product_flash_attention_for_cpu"): _attention_fwd_flops,
+    ("aten", "_scaled_dot_product_flash_attention_for_cpu_backward"): _attention_bwd_flops,
+    ("crformer", "triton_cross_attention_fwd"): _attention_fwd_flops,
+    ("crformer", "triton_cross_attention_bwd"): _attention_bwd_flops,
+    ("crformer", "triton_memory_attention_fwd"): _memory_fwd_flops,
+    ("crformer", "triton_memory_attention_bwd"): _memory_bwd_flops,
+    ("crformer", "masked_pool"): _pool_flops,
+    ("crformer", "masked_pool_backward"): _pool_bwd_flops,
+}
+# torch's own formulas for these count the recomputed QKᵀ; replaced in every counter by the model-FLOP one.
+TORCH_SDPA_BACKWARDS = ("_scaled_dot_product_efficient_attention_backward",
+                        "_scaled_dot_product_flash_attention_backward",
+                        "_scaled_dot_product_cudnn_attention_backward")
+
+
+def _op_packet(namespace: str, name: str):
+    try:
+        return getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def register_flop_formulas() -> list[str]:
+    """Register :data:`FLOP_FORMULAS` for every op that exists in this process and has no formula yet
+    (idempotent). The Triton ops exist once ``crformer.kernels`` imports (triton installed), masked_pool
+    once the ``crformer._C`` extension is built. Returns the ops that have our formula."""
+    import importlib
+
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for module in ("crformer.ops", "crformer.kernels.cross_attention", "crformer.kernels.memory_attention"):
+        try:  # importing defines the custom ops
+            importlib.import_module(module)
+        except ImportError:  # no triton: the triton ops cannot run here either
+            pass
+    done = []
+    for (namespace, name), formula in FLOP_FORMULAS.items():
+        packet = _op_packet(namespace, name)
+        if packet is None:
+            continue
+        if packet not in flop_registry:
+            register_flop_formula(packet)(formula)
+        if getattr(flop_registry[packet], "__wrapped__", None) is formula:
+            done.append(f"{namespace}::{name}")
+    return done
+
+
+def flop_counter():
+    """A ``FlopCounterMode`` (no printout) counting model FLOPs, the same for every attention backend."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_flop_formulas()
+    overrides = {p: _attention_bwd_flops for p in (_op_packet("aten", n) for n in TORCH_SDPA_BACKWARDS) if p}
+    return FlopCounterMode(display=False, custom_mapping=overrides)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operator calls of a region, by phase and namespace (``aten``, ``crformer``, …).
+
+    "Top level" here: a ``TorchDispatchMode`` sees each call that enters the dispatcher from above the
+    backend kernels — issued by Python (the model, the loss, the optimizer), by a CompositeImplicit op's
+    decomposition (``F.linear`` → ``t`` + ``addmm``), by an autograd backward formula or by autocast's
+    casts — once, and not the calls a kernel makes inside itself (its outputs' allocation, an op that calls
+    another op in C++). That is one dispatcher round trip each, the per-op host cost an eager step pays."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+        self.current = ""
+
+    def phase(self, name: str) -> "OpCounter":
+        """``with counter.phase("fwd"): ...`` counts the block under ``name``."""
+        self.current = name
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        key = (self.current, getattr(func, "namespace", "other"))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self, namespace: str = "aten", phase: Optional[str] = None) -> int:
+        return sum(n for (p, ns), n in self.counts.items() if ns == namespace and phase in (None, p))
+
+
+def account_step(forward_loss: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                 optimizer_step: Callable[[], None]) -> dict:
+    """Run one training step in its three phases and count it: ``flops`` of forward + loss + backward
+    (:func:`flop_counter`), top-level ``aten_calls`` of the whole step (:class:`OpCounter`) and per phase
+    (``aten_fwd``: forward + loss, ``aten_bwd``, ``aten_opt``: zero_grad + optimizer), ``custom_ops``
+    (calls of non-aten ops, e.g. ``crformer::*``, in the whole step)."""
+    ops = OpCounter()
+    with flop_counter() as flops:
+        with ops.phase("fwd"):
+            loss = forward_loss()
+        with ops.phase("bwd"):
+            backward(loss)
+    with ops.phase("opt"):
+        optimizer_step()
+    # profiler::_record_function_* are the optimizer's record_function markers, not work
+    custom = sum(n for (_, ns), n in ops.counts.items() if ns not in ("aten", "prim", "profiler"))
+    return {"flops": flops.get_total_flops(), "aten_calls": ops.total(), "aten_fwd": ops.total(phase="fwd"),
+            "aten_bwd": ops.total(phase="bwd"), "aten_opt": ops.total(phase="opt"), "custom_ops": custom}
+
+
+def mfu_pct(flops: Optional[int], ms: Optional[float], dev: Device) -> Optional[float]:
+    """Model FLOPs utilisation in % of the card's dense bf16 peak; None without a peak (CPU, unknown card)."""
+    if not (flops and ms and dev.peak_tflops):
+        return None
+    return 100 * flops / (ms * 1e-3) / (dev.peak_tflops * 1e12)
+
+
+def count_kernels(events) -> tuple[int, float]:
+    """(kernel launches, summed kernel time in ms) among ``torch.profiler`` events: device (CUDA) events that
+    are kernels — activity type ``kernel`` where the profiler records it (torch ≥ 2.14; older: by name),
+    never a Memcpy/Memset or a user annotation projected onto the GPU timeline."""
+    from torch.autograd import DeviceType
+
+    n, us = 0, 0.0
+    for e in events:
+        kind = getattr(e, "activity_type", None)
+        if (e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset"))
+                or getattr(e, "is_user_annotation", False) or (kind and "kernel" not in kind)):
+            continue
+        n += 1
+        us += e.time_range.elapsed_us()
+    return n, us / 1e3
+
+
+def profile_kernels(fn: Callable[[], object], dev: Device) -> dict:
+    """``kernels`` launched and ``kernel_ms`` (summed kernel time: GPU busy time) of one ``fn()``, from
+    ``torch.profiler``; {} on CPU."""
+    if not dev.cuda:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n, ms = count_kernels(prof.events())
+    return {"kernels": n, "kernel_ms": ms}
 
 
 # ------------------------------------------------------------------------------------- rows
