@@ -12,7 +12,10 @@ The oracle is ``crformer.ops.attention.reference_cross_attention``.
 
 Layout of this file (flash-attention ``ops/triton`` style): the shipped-config table, the Triton
 kernels, their launchers, then the ``torch.library.custom_op`` pair (forward / backward) with fake
-implementations and ``register_autograd``. Everything accumulates in fp32.
+implementations and ``register_autograd``. Everything accumulates in fp32. The building blocks the
+kernels are written in (the chunked Q Kᵀ, the exact and the online softmax, the backward from the
+log-sum-exp) and the split-combine and delta kernels of regime (b), which memory_attention.py shares,
+are in ``common.py``.
 
 Two regimes, dispatched on the number of keys N:
 
@@ -52,39 +55,31 @@ TRITON_INTERPRET=1 an out-of-bounds access is a segfault, not an error).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from crformer.ops.attention import check_attention_inputs
+from crformer.kernels import common
+from crformer.kernels.common import shipped
+from crformer.kernels.inputs import check_attention_inputs
 
-__all__ = ["triton_cross_attention", "SHORT_MAX_N", "KERNEL_TABLE", "KERNELS", "shipped_configs"]
-
-# Kernels are decorated at import; TRITON_INTERPRET decides then whether they run on CPU tensors
-# (and it must already have been set when triton itself was imported: tests/kernels/conftest.py).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+__all__ = ["triton_cross_attention", "SHORT_MAX_N", "PROGRAMS_PER_SM", "KERNEL_TABLE", "KERNELS"]
 
 SHORT_MAX_N = 64  # regime (a) holds all keys of a row in one register tile of at most this width
 # Key splits (regime b) and query runs (regime a backward) aim at this many programs per SM: enough
 # to hide memory latency, few enough that the partials stay small (benchmarks/tune_kernels.py).
+# Read at every launch (the tuner changes it), also by memory_attention.py.
 PROGRAMS_PER_SM = 2
-_LOG2E = 1.4426950408889634
 
 # --------------------------------------------------------------------------------------------
-# Shipped configurations: the single source of truth for the launchers below AND for
-# tests/kernels/test_compile_sm90.py, which compiles every entry for sm_90 with ptxas and fails on
-# any spill or a missing tensor-core instruction. One entry = one kernel with its launch options:
-#   kernel:  key into KERNELS        dtypes: q/k/v dtypes it is shipped for
-#   choices: constexpr -> values the launcher may pick (the cartesian product is shipped)
-#   fixed:   constexprs that never change for this entry
-#   mma:     instruction expected on sm_90: "wgmma"; "mma" (mma.sync) where the 16-row query tile
-#            is below wgmma's 64-row warpgroup minimum (CDec: M ~ 16 queries; these kernels are
-#            HBM-bound, tensor-core time is a few % of the byte floor, DESIGN.md §6); "fma" for fp32,
-#            whose dots use input_precision="ieee" (exact fp32 on CUDA cores, see the top);
-#            None = no tl.dot.
+# Shipped configurations, in the format described in common.py (the single source of truth for
+# the launchers below and for tests/kernels/test_compile_sm90.py). The combine and delta kernels of
+# regime (b) are shared with memory_attention.py and ship from common.KERNEL_TABLE.
+# mma = "mma" (mma.sync) where the 16-row query tile is below wgmma's 64-row warpgroup minimum
+# (CDec: M ~ 16 queries; these kernels are HBM-bound, tensor-core time is a few % of the byte
+# floor, DESIGN.md §6); "fma" for fp32 (exact fp32 on CUDA cores, see the top).
 # In short_bwd with BLOCK_N < 64 the key-major dK/dV dots have only BLOCK_N rows, so those two
 # dots use mma.sync while the score/dP/dQ dots (64 query rows) use wgmma.
 # Tiles, warps and stages of the fp16/bf16 entries are the fastest spill-free candidates of
@@ -99,63 +94,29 @@ _LOG2E = 1.4426950408889634
 # chunks and 32/16-row query tiles (64-row fp32 tiles spill).
 # --------------------------------------------------------------------------------------------
 _LOWP = ("fp16", "bf16")
+_FP32 = ("fp32",)
 KERNEL_TABLE = {
     # regime (a) forward / backward; BLOCK_N = smallest shipped power of two >= N.
-    "short_fwd": dict(kernel="short_fwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32, 64), "BLOCK_D": (32, 64, 128)},
-                      fixed={"BLOCK_M": 64}, num_warps=4, num_stages=2, mma="wgmma"),
-    "short_fwd_fp32": dict(kernel="short_fwd", dtypes=("fp32",), choices={"BLOCK_N": (16, 32, 64)},
-                           fixed={"BLOCK_M": 32, "BLOCK_D": 32}, num_warps=8, num_stages=1, mma="fma"),
-    "short_bwd": dict(kernel="short_bwd", dtypes=_LOWP, choices={"BLOCK_N": (16, 32), "BLOCK_D": (32, 64)},
-                      fixed={"BLOCK_M": 64}, num_warps=4, num_stages=2, mma="wgmma"),
+    "short_fwd": shipped("short_fwd", _LOWP, 4, 2, "wgmma", BLOCK_M=64, BLOCK_N=(16, 32, 64), BLOCK_D=(32, 64, 128)),
+    "short_fwd_fp32": shipped("short_fwd", _FP32, 8, 1, "fma", BLOCK_M=32, BLOCK_N=(16, 32, 64), BLOCK_D=32),
+    "short_bwd": shipped("short_bwd", _LOWP, 4, 2, "wgmma", BLOCK_M=64, BLOCK_N=(16, 32), BLOCK_D=(32, 64)),
     # 33-64 keys: the 4-warp tile spills under triton 3.6's ptxas (not 3.8's), so 8 warps, 1 stage.
-    "short_bwd_n64": dict(kernel="short_bwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                          fixed={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1, mma="wgmma"),
-    "short_bwd_fp32": dict(kernel="short_bwd", dtypes=("fp32",), choices={"BLOCK_N": (16, 32, 64)},
-                           fixed={"BLOCK_M": 32, "BLOCK_D": 32}, num_warps=8, num_stages=1, mma="fma"),
+    "short_bwd_n64": shipped("short_bwd", _LOWP, 8, 1, "wgmma", BLOCK_M=64, BLOCK_N=64, BLOCK_D=(32, 64)),
+    "short_bwd_fp32": shipped("short_bwd", _FP32, 8, 1, "fma", BLOCK_M=32, BLOCK_N=(16, 32, 64), BLOCK_D=32),
     # regime (b) forward split: 16-row tile for the CDec shape (M <= 16), 64-row tile for large M.
-    "long_fwd_m16": dict(kernel="long_fwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                         fixed={"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1, mma="mma"),
-    "long_fwd_m64": dict(kernel="long_fwd", dtypes=_LOWP, choices={"BLOCK_D": (32, 64, 128)},
-                         fixed={"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3, mma="wgmma"),
-    "long_fwd_fp32": dict(kernel="long_fwd", dtypes=("fp32",), choices={},
-                          fixed={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2, mma="fma"),
-    # log-sum-exp combine of the split partials, and delta = rowsum(dO ⊙ O): no dot.
-    "long_combine": dict(kernel="long_combine", dtypes=("fp32",) + _LOWP, choices={},
-                         fixed={"BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1, mma=None),
-    "long_bwd_delta": dict(kernel="long_bwd_delta", dtypes=("fp32",) + _LOWP, choices={},
-                           fixed={"BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1, mma=None),
+    "long_fwd_m16": shipped("long_fwd", _LOWP, 4, 1, "mma", BLOCK_M=16, BLOCK_N=128, BLOCK_D=(32, 64)),
+    "long_fwd_m64": shipped("long_fwd", _LOWP, 8, 3, "wgmma", BLOCK_M=64, BLOCK_N=128, BLOCK_D=(32, 64, 128)),
+    "long_fwd_fp32": shipped("long_fwd", _FP32, 4, 2, "fma", BLOCK_M=16, BLOCK_N=64, BLOCK_D=32),
     # regime (b) dK/dV: key-major (S^T = K Q^T), so the MMA M dimension is the 64-key block and all
     # its dots can use wgmma even with a 16-row query tile.
-    "long_bwd_dkdv_m16": dict(kernel="long_bwd_dkdv", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                              fixed={"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1, mma="wgmma"),
-    "long_bwd_dkdv_m64": dict(kernel="long_bwd_dkdv", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                              fixed={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1, mma="wgmma"),
-    "long_bwd_dkdv_fp32": dict(kernel="long_bwd_dkdv", dtypes=("fp32",), choices={},
-                               fixed={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=1,
-                               mma="fma"),
+    "long_bwd_dkdv_m16": shipped("long_bwd_dkdv", _LOWP, 4, 1, "wgmma", BLOCK_M=16, BLOCK_N=64, BLOCK_D=(32, 64)),
+    "long_bwd_dkdv_m64": shipped("long_bwd_dkdv", _LOWP, 8, 1, "wgmma", BLOCK_M=64, BLOCK_N=64, BLOCK_D=(32, 64)),
+    "long_bwd_dkdv_fp32": shipped("long_bwd_dkdv", _FP32, 8, 1, "fma", BLOCK_M=16, BLOCK_N=64, BLOCK_D=32),
     # regime (b) dQ partials per key split; same tile argument as the forward.
-    "long_bwd_dq_m16": dict(kernel="long_bwd_dq", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                            fixed={"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2, mma="mma"),
-    "long_bwd_dq_m64": dict(kernel="long_bwd_dq", dtypes=_LOWP, choices={"BLOCK_D": (32, 64)},
-                            fixed={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2, mma="wgmma"),
-    "long_bwd_dq_fp32": dict(kernel="long_bwd_dq", dtypes=("fp32",), choices={},
-                             fixed={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2,
-                             mma="fma"),
+    "long_bwd_dq_m16": shipped("long_bwd_dq", _LOWP, 4, 2, "mma", BLOCK_M=16, BLOCK_N=64, BLOCK_D=(32, 64)),
+    "long_bwd_dq_m64": shipped("long_bwd_dq", _LOWP, 8, 2, "wgmma", BLOCK_M=64, BLOCK_N=64, BLOCK_D=(32, 64)),
+    "long_bwd_dq_fp32": shipped("long_bwd_dq", _FP32, 4, 2, "fma", BLOCK_M=16, BLOCK_N=64, BLOCK_D=32),
 }
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def shipped_configs(table: dict = KERNEL_TABLE):
-    """Yield (entry, kernel name, dtype name, constexprs, num_warps, num_stages, mma) for every
-    shipped configuration of ``table`` (this module's, or another kernel module's in this format)."""
-    import itertools
-
-    for entry, spec in table.items():
-        keys = list(spec["choices"])
-        for values in itertools.product(*(spec["choices"][k] for k in keys)):
-            cx = dict(spec["fixed"], **dict(zip(keys, values)))
-            for dt in spec["dtypes"]:
-                yield entry, spec["kernel"], dt, cx, spec["num_warps"], spec["num_stages"], spec["mma"]
 
 
 def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[int] = None) -> str:
@@ -170,27 +131,16 @@ def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[i
     return base
 
 
-def _config(entry: str, table: dict = KERNEL_TABLE, **want) -> tuple[dict, dict]:
-    """Constexprs + launch options of a ``table`` entry. ``want`` gives preferred tile sizes:
-    BLOCK_N takes the smallest shipped value >= want (it must cover all keys in regime (a)),
-    others the largest shipped value <= want; fixed constexprs ignore ``want``."""
-    spec = table[entry]
-    cx = dict(spec["fixed"])
-    for key, vals in spec["choices"].items():
-        w = want[key]
-        if key == "BLOCK_N":
-            ok = [x for x in vals if x >= w]
-            cx[key] = min(ok) if ok else max(vals)
-        else:
-            ok = [x for x in vals if x <= w]
-            cx[key] = max(ok) if ok else min(vals)
-    return cx, {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+def _config(entry: str, **want) -> tuple[dict, dict]:
+    """Constexprs + launch options of a ``KERNEL_TABLE`` entry, ``want`` as in ``common.config``
+    (the tuner and its test replace this function to see what the launchers pick)."""
+    return common.config(KERNEL_TABLE, entry, **want)
 
 
 # ============================================================================================
 # Kernels. Conventions: pid over (batch*head) is the last grid axis; base offsets are int64 (a
 # B·H·M·d tensor can exceed 2^31 elements); s2 = scores * scale * log2(e) so softmax uses exp2.
-# KEEP is the B×N key mask as uint8 (1 = valid).
+# KEEP is the B×N key mask as uint8 (1 = valid). The building blocks are in common.py.
 # ============================================================================================
 
 
@@ -203,47 +153,27 @@ def _short_fwd_kernel(Q, K, V, KEEP, O,
     """Regime (a) forward. Grid (cdiv(M, BLOCK_M), B*H). All N <= BLOCK_N keys in one tile."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
+    b, h = common.batch_head(pid_bh, H)
+    rows, rmask = common.span(pid_m * BLOCK_M, BLOCK_M, M)
+    cols, cmask = common.span(0, BLOCK_N, N)
     dd = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    cmask = cols < N
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     o_base = O + b * s_ob + h * s_oh
-    keep = tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0
+    keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
 
-    # Pass 1: S = Q K^T over the full head dim (Q is read exactly once).
-    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dm = (d0 + dd) < D
-        q = tl.load(q_base + rows[:, None] * s_qm + (d0 + dd)[None, :] * s_qd,
-                    mask=rmask[:, None] & dm[None, :], other=0.0)
-        k = tl.load(k_base + cols[:, None] * s_kn + (d0 + dd)[None, :] * s_kd,
-                    mask=cmask[:, None] & dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), s, input_precision="ieee")
-
-    # Exact softmax over the whole key row. Masked keys -> -inf; a row with no valid key keeps
-    # m = 0 and l = 0 and gets P = 0 (output 0) instead of NaN.
-    s = tl.where((keep & cmask)[None, :], s * qk_scale, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
-    p = (p * inv[:, None]).to(V.dtype.element_ty)
+    # Pass 1: S = Q K^T over the full head dim (Q is read exactly once), then the exact softmax.
+    s = common.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
+                             tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
+    p = common.exact_softmax(common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)).to(V.dtype.element_ty)
 
     # Pass 2: O = P V, one head-dim chunk at a time (O is written exactly once).
     for d0 in range(0, D, BLOCK_D):
         dm = (d0 + dd) < D
-        v = tl.load(v_base + cols[:, None] * s_vn + (d0 + dd)[None, :] * s_vd,
-                    mask=cmask[:, None] & dm[None, :], other=0.0)
+        v = common.load_tile(v_base, cols, s_vn, d0 + dd, s_vd, cmask[:, None] & dm[None, :])
         o = tl.dot(p, v, input_precision="ieee")
-        tl.store(o_base + rows[:, None] * s_om + (d0 + dd)[None, :] * s_od, o.to(O.dtype.element_ty),
-                 mask=rmask[:, None] & dm[None, :])
+        common.store_tile(o_base, rows, s_om, d0 + dd, s_od, o, rmask[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -262,63 +192,39 @@ def _short_bwd_kernel(Q, K, V, KEEP, DO, DQ, DKP, DVP,
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    cmask = cols < N
-    own = pid_c * BLOCK_D + dd
-    omask = own < D
+    b, h = common.batch_head(pid_bh, H)
+    cols, cmask = common.span(0, BLOCK_N, N)
+    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
     dq_base = DQ + b * s_dqb + h * s_dqh
-    keep = tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0
-    valid = keep & cmask
+    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
     # This chunk's K slice is reused by every query block of the run.
-    k_own = tl.load(k_base + cols[:, None] * s_kn + own[None, :] * s_kd,
-                    mask=cmask[:, None] & omask[None, :], other=0.0)
+    k_own = common.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     mb_start = pid_r * blocks_per_run
     mb_end = tl.minimum(mb_start + blocks_per_run, n_mblocks)
     for mb in range(mb_start, mb_end):
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = (d0 + dd) < D
-            rd = rmask[:, None] & dm[None, :]
-            cd = cmask[:, None] & dm[None, :]
-            q = tl.load(q_base + rows[:, None] * s_qm + (d0 + dd)[None, :] * s_qd, mask=rd, other=0.0)
-            k = tl.load(k_base + cols[:, None] * s_kn + (d0 + dd)[None, :] * s_kd, mask=cd, other=0.0)
-            s = tl.dot(q, tl.trans(k), s, input_precision="ieee")
-            do = tl.load(do_base + rows[:, None] * s_dom + (d0 + dd)[None, :] * s_dod, mask=rd, other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vn + (d0 + dd)[None, :] * s_vd, mask=cd, other=0.0)
-            dp = tl.dot(do, tl.trans(v), dp, input_precision="ieee")
+        rows, rmask = common.span(mb * BLOCK_M, BLOCK_M, M)
+        s, dp = common.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
+                                          v_base, s_vn, s_vd, rows, rmask, cols, cmask,
+                                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
         # Recompute the exact softmax (same arithmetic as the forward).
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m = tl.max(s, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
-        p = p * inv[:, None]
+        p = common.exact_softmax(common.scaled_logits(s, valid[None, :], qk_scale))
         p = tl.where(rmask[:, None], p, 0.0)  # padded rows contribute nothing to dK/dV
         # delta = rowsum(P ⊙ dP) = rowsum(dO ⊙ O): no saved O needed.
         delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])  # gradient w.r.t. the scaled logits
         rd_own = rmask[:, None] & omask[None, :]
         dq = tl.dot(ds.to(K.dtype.element_ty), k_own, input_precision="ieee") * sm_scale
-        tl.store(dq_base + rows[:, None] * s_dqm + own[None, :] * s_dqd, dq.to(DQ.dtype.element_ty),
-                 mask=rd_own)
-        q_own = tl.load(q_base + rows[:, None] * s_qm + own[None, :] * s_qd, mask=rd_own, other=0.0)
-        do_own = tl.load(do_base + rows[:, None] * s_dom + own[None, :] * s_dod, mask=rd_own, other=0.0)
-        dv = tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do_own, dv, input_precision="ieee")
-        dk = tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q_own, dk, input_precision="ieee")
+        common.store_tile(dq_base, rows, s_dqm, own, s_dqd, dq, rd_own)
+        dk, dv = common.accumulate_dkdv(p, ds, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own, rd_own, dk, dv,
+                                        KEY_MAJOR=False)
 
     # Partials are contiguous (n_runs, B*H, N, D) fp32.
     part = (pid_r.to(tl.int64) * tl.num_programs(2) + pid_bh) * N * D
@@ -326,18 +232,6 @@ def _short_bwd_kernel(Q, K, V, KEEP, DO, DQ, DKP, DVP,
     cd_own = cmask[:, None] & omask[None, :]
     tl.store(DKP + offs, dk * sm_scale, mask=cd_own)
     tl.store(DVP + offs, dv, mask=cd_own)
-
-
-@triton.jit
-def online_softmax_step(s, m_i, l_i):
-    """One key block of the online softmax (regime b): s2 logits (BLOCK_M × BLOCK_N, masked keys
-    -inf), running max m_i and sum l_i -> (P = 2^(s2 - m), rescale factor alpha for the
-    accumulator, new m_i, new l_i). A row with no valid key so far keeps m = -inf, P = 0."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -351,119 +245,33 @@ def _long_fwd_kernel(Q, K, V, KEEP, OP, LP,
     Writes the normalised partial OP (n_splits, B*H, M, D) fp32 for head-dim chunk c and, from
     chunk 0, LP (n_splits, B*H, M) fp32 = log2-sum-exp2 of the scaled logits (-inf if no key).
     """
-    pid_0 = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    split = pid_0 // n_dchunks
-    pid_c = pid_0 % n_dchunks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    own = pid_c * BLOCK_D + dd
-    omask = own < D
+    split, pid_c = common.split_and_chunk(tl.program_id(0), n_dchunks)
+    b, h = common.batch_head(pid_bh, H)
+    rows, rmask = common.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
+    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    n_start = split * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, N)
+    n_start, n_end = common.key_range(split, keys_per_split, N)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i, l_i, acc = common.online_softmax_start(BLOCK_M, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n_end
-        keep = tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = (d0 + dd) < D
-            q = tl.load(q_base + rows[:, None] * s_qm + (d0 + dd)[None, :] * s_qd,
-                        mask=rmask[:, None] & dm[None, :], other=0.0)
-            k = tl.load(k_base + cols[:, None] * s_kn + (d0 + dd)[None, :] * s_kd,
-                        mask=cmask[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), s, input_precision="ieee")
-        s = tl.where((keep & cmask)[None, :], s * qk_scale, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        v = tl.load(v_base + cols[:, None] * s_vn + own[None, :] * s_vd,
-                    mask=cmask[:, None] & omask[None, :], other=0.0)
+        cols, cmask = common.span(n0, BLOCK_N, n_end)
+        keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
+        s = common.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
+                                 tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
+        s = common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
+        p, alpha, m_i, l_i = common.online_softmax_step(s, m_i, l_i)
+        v = common.load_tile(v_base, cols, s_vn, own, s_vd, cmask[:, None] & omask[None, :])
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
 
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    l_safe, lse = common.online_softmax_finish(m_i, l_i)
     bh_split = split.to(tl.int64) * tl.num_programs(2) + pid_bh
-    tl.store(OP + (bh_split * M + rows[:, None]) * D + own[None, :], o,
+    tl.store(common.part_ptrs(OP, bh_split, M, rows, own, D), acc / l_safe[:, None],
              mask=rmask[:, None] & omask[None, :])
     tl.store(LP + bh_split * M + rows, lse, mask=rmask & (pid_c == 0))
-
-
-@triton.jit
-def _long_combine_kernel(OP, LP, O, LSE, s_ob, s_oh, s_om, s_od, H, M, D, n_splits, n_bh,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge split partials by log-sum-exp. Grid (cdiv(M, BLOCK_M), B*H).
-
-    O = Σ_s 2^(lse_s - lse) · o_s with lse = log2 Σ_s 2^lse_s; LSE (B*H, M) fp32 saved for the
-    backward, +inf where a row has no valid key (so the backward's P = 2^(s - lse) is 0 there).
-    """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    mx = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for sp in range(0, n_splits):
-        ls = tl.load(LP + (sp * n_bh + pid_bh).to(tl.int64) * M + rows, mask=rmask, other=float("-inf"))
-        mx = tl.maximum(mx, ls)
-    m_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for sp in range(0, n_splits):
-        ls = tl.load(LP + (sp * n_bh + pid_bh).to(tl.int64) * M + rows, mask=rmask, other=float("-inf"))
-        den += tl.exp2(ls - m_safe)
-    has = den > 0.0
-    den_safe = tl.where(has, den, 1.0)
-    inv = tl.where(has, 1.0 / den_safe, 0.0)
-    tl.store(LSE + pid_bh.to(tl.int64) * M + rows, tl.where(has, m_safe + tl.log2(den_safe), float("inf")),
-             mask=rmask)
-    for d0 in range(0, D, BLOCK_D):
-        dm = (d0 + dd) < D
-        rd = rmask[:, None] & dm[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for sp in range(0, n_splits):
-            base = (sp * n_bh + pid_bh).to(tl.int64) * M
-            ls = tl.load(LP + base + rows, mask=rmask, other=float("-inf"))
-            w = tl.exp2(ls - m_safe) * inv
-            op = tl.load(OP + (base + rows[:, None]) * D + (d0 + dd)[None, :], mask=rd, other=0.0)
-            acc += w[:, None] * op
-        tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + (d0 + dd)[None, :] * s_od,
-                 acc.to(O.dtype.element_ty), mask=rd)
-
-
-@triton.jit
-def _long_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_od, s_dob, s_doh, s_dom, s_dod, H, M, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO ⊙ O) in fp32, (B*H, M). Grid (cdiv(M, BLOCK_M), B*H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dm = (d0 + dd) < D
-        rd = rmask[:, None] & dm[None, :]
-        o = tl.load(O + b * s_ob + h * s_oh + rows[:, None] * s_om + (d0 + dd)[None, :] * s_od, mask=rd, other=0.0)
-        do = tl.load(DO + b * s_dob + h * s_doh + rows[:, None] * s_dom + (d0 + dd)[None, :] * s_dod,
-                     mask=rd, other=0.0)
-        acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * M + rows, acc, mask=rmask)
 
 
 @triton.jit
@@ -482,52 +290,32 @@ def _long_bwd_dkdv_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DK, DV,
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    dd = tl.arange(0, BLOCK_D)
-    own = pid_c * BLOCK_D + dd
-    omask = own < D
+    b, h = common.batch_head(pid_bh, H)
+    cols, cmask = common.span(pid_n * BLOCK_N, BLOCK_N, N)
+    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
-    keep = tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0
-    valid = keep & cmask
+    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        st = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        dpt = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = (d0 + dd) < D
-            rd = rmask[:, None] & dm[None, :]
-            cd = cmask[:, None] & dm[None, :]
-            k = tl.load(k_base + cols[:, None] * s_kn + (d0 + dd)[None, :] * s_kd, mask=cd, other=0.0)
-            q = tl.load(q_base + rows[:, None] * s_qm + (d0 + dd)[None, :] * s_qd, mask=rd, other=0.0)
-            st = tl.dot(k, tl.trans(q), st, input_precision="ieee")
-            v = tl.load(v_base + cols[:, None] * s_vn + (d0 + dd)[None, :] * s_vd, mask=cd, other=0.0)
-            do = tl.load(do_base + rows[:, None] * s_dom + (d0 + dd)[None, :] * s_dod, mask=rd, other=0.0)
-            dpt = tl.dot(v, tl.trans(do), dpt, input_precision="ieee")
-        # Padded rows load lse = +inf -> P = 0. Fully masked rows have lse = +inf too.
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * M + rows, mask=rmask, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
-        st = tl.where(valid[:, None], st * qk_scale, float("-inf"))
-        pt = tl.exp2(st - lse[None, :])
-        dst = pt * (dpt - delta[None, :])
-        rd_own = rmask[:, None] & omask[None, :]
-        q_own = tl.load(q_base + rows[:, None] * s_qm + own[None, :] * s_qd, mask=rd_own, other=0.0)
-        do_own = tl.load(do_base + rows[:, None] * s_dom + own[None, :] * s_dod, mask=rd_own, other=0.0)
-        dv = tl.dot(pt.to(DO.dtype.element_ty), do_own, dv, input_precision="ieee")
-        dk = tl.dot(dst.to(Q.dtype.element_ty), q_own, dk, input_precision="ieee")
+        rows, rmask = common.span(m0, BLOCK_M, M)
+        st, dpt = common.chunked_dot_t_pair(k_base, s_kn, s_kd, q_base, s_qm, s_qd, v_base, s_vn, s_vd,
+                                            do_base, s_dom, s_dod, cols, cmask, rows, rmask,
+                                            tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                            tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), D, BLOCK_D)
+        lse, delta = common.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
+        st = common.scaled_logits(st, valid[:, None], qk_scale)
+        pt, dst = common.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
+        dk, dv = common.accumulate_dkdv(pt, dst, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own,
+                                        rmask[:, None] & omask[None, :], dk, dv, KEY_MAJOR=True)
     cd_own = cmask[:, None] & omask[None, :]
+    # Not store_tile: the scale is applied after the address arithmetic (operation order, common.py).
     tl.store(DK + b * s_dkb + h * s_dkh + cols[:, None] * s_dkn + own[None, :] * s_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=cd_own)
-    tl.store(DV + b * s_dvb + h * s_dvh + cols[:, None] * s_dvn + own[None, :] * s_dvd,
-             dv.to(DV.dtype.element_ty), mask=cd_own)
+    common.store_tile(DV + b * s_dvb + h * s_dvh, cols, s_dvn, own, s_dvd, dv, cd_own)
 
 
 @triton.jit
@@ -540,52 +328,31 @@ def _long_bwd_dq_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DQP,
 
     DQP (n_splits, B*H, M, D) fp32; the launcher sums over splits in a fixed order.
     """
-    pid_0 = tl.program_id(0)
-    pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    split = pid_0 // n_dchunks
-    pid_c = pid_0 % n_dchunks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    own = pid_c * BLOCK_D + dd
-    omask = own < D
+    split, pid_c = common.split_and_chunk(tl.program_id(0), n_dchunks)
+    b, h = common.batch_head(pid_bh, H)
+    rows, rmask = common.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
+    lse, delta = common.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
+    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * M + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
-    n_start = split * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, N)
+    n_start, n_end = common.key_range(split, keys_per_split, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n_end
-        keep = tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = (d0 + dd) < D
-            rd = rmask[:, None] & dm[None, :]
-            cd = cmask[:, None] & dm[None, :]
-            q = tl.load(q_base + rows[:, None] * s_qm + (d0 + dd)[None, :] * s_qd, mask=rd, other=0.0)
-            k = tl.load(k_base + cols[:, None] * s_kn + (d0 + dd)[None, :] * s_kd, mask=cd, other=0.0)
-            s = tl.dot(q, tl.trans(k), s, input_precision="ieee")
-            do = tl.load(do_base + rows[:, None] * s_dom + (d0 + dd)[None, :] * s_dod, mask=rd, other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vn + (d0 + dd)[None, :] * s_vd, mask=cd, other=0.0)
-            dp = tl.dot(do, tl.trans(v), dp, input_precision="ieee")
-        s = tl.where((keep & cmask)[None, :], s * qk_scale, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        ds = p * (dp - delta[:, None])
-        k_own = tl.load(k_base + cols[:, None] * s_kn + own[None, :] * s_kd,
-                        mask=cmask[:, None] & omask[None, :], other=0.0)
+        cols, cmask = common.span(n0, BLOCK_N, n_end)
+        keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
+        s, dp = common.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
+                                          v_base, s_vn, s_vd, rows, rmask, cols, cmask,
+                                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
+        s = common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
+        _, ds = common.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
+        k_own = common.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
         dq = tl.dot(ds.to(K.dtype.element_ty), k_own, dq, input_precision="ieee")
     bh_split = split.to(tl.int64) * tl.num_programs(2) + pid_bh
-    tl.store(DQP + (bh_split * M + rows[:, None]) * D + own[None, :], dq * sm_scale,
-             mask=rmask[:, None] & omask[None, :])
+    tl.store(common.part_ptrs(DQP, bh_split, M, rows, own, D), dq * sm_scale, mask=rmask[:, None] & omask[None, :])
 
 
 # Name -> kernel, and the pointer arguments' element types, for ahead-of-time compilation
@@ -594,8 +361,6 @@ KERNELS = {
     "short_fwd": _short_fwd_kernel,
     "short_bwd": _short_bwd_kernel,
     "long_fwd": _long_fwd_kernel,
-    "long_combine": _long_combine_kernel,
-    "long_bwd_delta": _long_bwd_delta_kernel,
     "long_bwd_dkdv": _long_bwd_dkdv_kernel,
     "long_bwd_dq": _long_bwd_dq_kernel,
 }
@@ -607,84 +372,37 @@ POINTER_TYPES = {"KEEP": "u8", "OP": "fp32", "LP": "fp32", "LSE": "fp32", "DELTA
 # Launchers
 # ============================================================================================
 
-def _alloc(shape, dtype, device):
-    """Every buffer a kernel must fully write comes from here (tests swap in a NaN-filled version)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # Interpreter: pretend to be a tiny GPU so that small test shapes still exercise several
-    # key splits / query runs.
-    return 2
-
-
-def _strides4(t):
-    return tuple(t.stride())
-
-
-def check_kernel_inputs(q, name: str) -> None:
-    """ValueError unless q (whose shape/dtype/device checks the inputs already agree with) has a
-    dtype and device these kernels run on."""
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"{name} needs fp32/fp16/bf16 inputs; got {q.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-                         f"{__name__}); got {q.device}")
-
-
-def _check(q, k, v, keep):
-    check_attention_inputs(q, k, v, keep, name="triton_cross_attention")
-    check_kernel_inputs(q, "triton_cross_attention")
-
-
-def _keep_u8(keep, B, N, device):
-    if keep is None:
-        return torch.ones((B, N), dtype=torch.uint8, device=device)
-    return keep.view(torch.uint8)  # zero-copy; strides passed to the kernel
-
-
-def _long_splits(n_blocks_other: int, N: int, BLOCK_N: int, device) -> tuple[int, int]:
-    """(n_splits, keys_per_split): about PROGRAMS_PER_SM programs per SM in total, whole key blocks
-    per split."""
-    n_kblocks = triton.cdiv(N, BLOCK_N)
-    want = max(1, min(n_kblocks, triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), max(1, n_blocks_other))))
-    keys_per_split = triton.cdiv(n_kblocks, want) * BLOCK_N
-    return triton.cdiv(N, keys_per_split), keys_per_split
-
 
 def _forward(q, k, v, keep, scale):
     """Returns (o B×H×M×d in q.dtype, lse (B*H, M) fp32 for regime (b) or an empty tensor)."""
     B, H, M, D = q.shape
     N = k.shape[2]
-    dev = q.device
-    o = _alloc((B, H, M, D), q.dtype, dev)
+    device = q.device
+    o = common.alloc((B, H, M, D), q.dtype, device)
     if M == 0 or B * H == 0 or N == 0:  # N == 0: no key at all, every row is fully masked
-        return o.zero_(), torch.empty(0, dtype=torch.float32, device=dev)
-    ku8 = _keep_u8(keep, B, N, dev)
-    qk_scale = scale * _LOG2E
-    d_pow2 = triton.next_power_of_2(D)
+        return o.zero_(), torch.empty(0, dtype=torch.float32, device=device)
+    keep_bytes = common.keep_u8(keep, B, N, device)
+    qk_scale = scale * common.LOG2E
+    whole_head_dim = triton.next_power_of_2(D)
     if N <= SHORT_MAX_N:
-        cx, opts = _config(_entry("short_fwd", q.dtype), BLOCK_N=N, BLOCK_D=d_pow2)
-        grid = (triton.cdiv(M, cx["BLOCK_M"]), B * H)
-        _short_fwd_kernel[grid](q, k, v, ku8, o, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
-                                ku8.stride(0), ku8.stride(1), H, M, N, D, qk_scale, **cx, **opts)
-        return o, torch.empty(0, dtype=torch.float32, device=dev)
+        constexprs, launch = _config(_entry("short_fwd", q.dtype), BLOCK_N=N, BLOCK_D=whole_head_dim)
+        grid = (triton.cdiv(M, constexprs["BLOCK_M"]), B * H)
+        _short_fwd_kernel[grid](q, k, v, keep_bytes, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                                *keep_bytes.stride(), H, M, N, D, qk_scale, **constexprs, **launch)
+        return o, torch.empty(0, dtype=torch.float32, device=device)
 
-    cx, opts = _config(_entry("long_fwd", q.dtype, M), BLOCK_D=d_pow2)
-    n_m = triton.cdiv(M, cx["BLOCK_M"])
-    n_dc = triton.cdiv(D, cx["BLOCK_D"])
-    n_splits, kps = _long_splits(n_m * B * H * n_dc, N, cx["BLOCK_N"], dev)
-    op = _alloc((n_splits, B * H, M, D), torch.float32, dev)
-    lp = _alloc((n_splits, B * H, M), torch.float32, dev)
-    _long_fwd_kernel[(n_splits * n_dc, n_m, B * H)](
-        q, k, v, ku8, op, lp, *_strides4(q), *_strides4(k), *_strides4(v), ku8.stride(0), ku8.stride(1),
-        H, M, N, D, qk_scale, kps, n_dc, **cx, **opts)
-    lse = _alloc((B * H, M), torch.float32, dev)
-    cx, opts = _config("long_combine")
-    _long_combine_kernel[(triton.cdiv(M, cx["BLOCK_M"]), B * H)](
-        op, lp, o, lse, *_strides4(o), H, M, D, n_splits, B * H, **cx, **opts)
+    constexprs, launch = _config(_entry("long_fwd", q.dtype, M), BLOCK_D=whole_head_dim)
+    n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
+    n_dchunks = triton.cdiv(D, constexprs["BLOCK_D"])
+    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
+                                                 device, PROGRAMS_PER_SM)
+    o_parts = common.alloc((n_splits, B * H, M, D), torch.float32, device)
+    lse_parts = common.alloc((n_splits, B * H, M), torch.float32, device)
+    _long_fwd_kernel[(n_splits * n_dchunks, n_query_blocks, B * H)](
+        q, k, v, keep_bytes, o_parts, lse_parts, *q.stride(), *k.stride(), *v.stride(), *keep_bytes.stride(), H, M,
+        N, D, qk_scale, keys_per_split, n_dchunks, **constexprs, **launch)
+    lse = common.alloc((B * H, M), torch.float32, device)
+    common.combine_splits(o_parts, lse_parts, o, lse)
     return o, lse
 
 
@@ -692,53 +410,49 @@ def _backward(do, q, k, v, keep, o, lse, scale):
     """Returns (dq, dk, dv) in the inputs' dtype."""
     B, H, M, D = q.shape
     N = k.shape[2]
-    dev = q.device
+    device = q.device
     if M == 0 or N == 0 or B * H == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    ku8 = _keep_u8(keep, B, N, dev)
-    qk_scale = scale * _LOG2E
-    d_pow2 = triton.next_power_of_2(D)
+    keep_bytes = common.keep_u8(keep, B, N, device)
+    qk_scale = scale * common.LOG2E
+    whole_head_dim = triton.next_power_of_2(D)
     if N <= SHORT_MAX_N:
-        cx, opts = _config(_entry("short_bwd", q.dtype, N=N), BLOCK_N=N, BLOCK_D=d_pow2)
-        n_dc = triton.cdiv(D, cx["BLOCK_D"])
-        n_mb = triton.cdiv(M, cx["BLOCK_M"])
+        constexprs, launch = _config(_entry("short_bwd", q.dtype, N=N), BLOCK_N=N, BLOCK_D=whole_head_dim)
+        n_dchunks = triton.cdiv(D, constexprs["BLOCK_D"])
+        n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
         # About PROGRAMS_PER_SM programs per SM over (chunks × runs × B·H); each run is a contiguous
         # range of query blocks, so each program writes exactly one dK/dV partial.
-        n_runs = max(1, min(n_mb, triton.cdiv(PROGRAMS_PER_SM * _num_sms(dev), B * H * n_dc)))
-        bpr = triton.cdiv(n_mb, n_runs)
-        n_runs = triton.cdiv(n_mb, bpr)
-        dq = _alloc((B, H, M, D), q.dtype, dev)
-        dkp = _alloc((n_runs, B, H, N, D), torch.float32, dev)
-        dvp = _alloc((n_runs, B, H, N, D), torch.float32, dev)
-        _short_bwd_kernel[(n_dc, n_runs, B * H)](
-            q, k, v, ku8, do, dq, dkp, dvp, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-            *_strides4(dq), ku8.stride(0), ku8.stride(1), H, M, N, D, qk_scale, scale, bpr, n_mb, **cx, **opts)
+        n_runs, blocks_per_run = common.split_blocks(n_query_blocks, B * H * n_dchunks, device, PROGRAMS_PER_SM)
+        dq = common.alloc((B, H, M, D), q.dtype, device)
+        dk_parts = common.alloc((n_runs, B, H, N, D), torch.float32, device)
+        dv_parts = common.alloc((n_runs, B, H, N, D), torch.float32, device)
+        _short_bwd_kernel[(n_dchunks, n_runs, B * H)](
+            q, k, v, keep_bytes, do, dq, dk_parts, dv_parts, *q.stride(), *k.stride(), *v.stride(),
+            *do.stride(), *dq.stride(), *keep_bytes.stride(), H, M, N, D, qk_scale, scale, blocks_per_run,
+            n_query_blocks, **constexprs, **launch)
         # Fixed-order reduction over runs: deterministic.
-        return dq, dkp.sum(0).to(k.dtype), dvp.sum(0).to(v.dtype)
+        return dq, dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
 
-    delta = _alloc((B * H, M), torch.float32, dev)
-    cx, opts = _config("long_bwd_delta")
-    _long_bwd_delta_kernel[(triton.cdiv(M, cx["BLOCK_M"]), B * H)](
-        o, do, delta, *_strides4(o), *_strides4(do), H, M, D, **cx, **opts)
+    delta = common.row_delta(o, do)
+    dk = common.alloc(k.shape, k.dtype, device)
+    dv = common.alloc(v.shape, v.dtype, device)
+    constexprs, launch = _config(_entry("long_bwd_dkdv", q.dtype, M), BLOCK_D=whole_head_dim)
+    grid = (triton.cdiv(D, constexprs["BLOCK_D"]), triton.cdiv(N, constexprs["BLOCK_N"]), B * H)
+    _long_bwd_dkdv_kernel[grid](
+        q, k, v, keep_bytes, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *keep_bytes.stride(), *dk.stride(), *dv.stride(), H, M, N, D, qk_scale, scale, **constexprs, **launch)
 
-    dk = _alloc(k.shape, k.dtype, dev)
-    dv = _alloc(v.shape, v.dtype, dev)
-    cx, opts = _config(_entry("long_bwd_dkdv", q.dtype, M), BLOCK_D=d_pow2)
-    n_dc = triton.cdiv(D, cx["BLOCK_D"])
-    _long_bwd_dkdv_kernel[(n_dc, triton.cdiv(N, cx["BLOCK_N"]), B * H)](
-        q, k, v, ku8, do, lse, delta, dk, dv, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-        ku8.stride(0), ku8.stride(1), *_strides4(dk), *_strides4(dv), H, M, N, D, qk_scale, scale, **cx, **opts)
-
-    cx, opts = _config(_entry("long_bwd_dq", q.dtype, M), BLOCK_D=d_pow2)
-    n_dc = triton.cdiv(D, cx["BLOCK_D"])
-    n_m = triton.cdiv(M, cx["BLOCK_M"])
-    n_splits, kps = _long_splits(n_m * B * H * n_dc, N, cx["BLOCK_N"], dev)
-    dqp = _alloc((n_splits, B, H, M, D), torch.float32, dev)
-    _long_bwd_dq_kernel[(n_splits * n_dc, n_m, B * H)](
-        q, k, v, ku8, do, lse, delta, dqp, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-        ku8.stride(0), ku8.stride(1), H, M, N, D, qk_scale, scale, kps, n_dc, **cx, **opts)
+    constexprs, launch = _config(_entry("long_bwd_dq", q.dtype, M), BLOCK_D=whole_head_dim)
+    n_dchunks = triton.cdiv(D, constexprs["BLOCK_D"])
+    n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
+    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
+                                                 device, PROGRAMS_PER_SM)
+    dq_parts = common.alloc((n_splits, B, H, M, D), torch.float32, device)
+    _long_bwd_dq_kernel[(n_splits * n_dchunks, n_query_blocks, B * H)](
+        q, k, v, keep_bytes, do, lse, delta, dq_parts, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *keep_bytes.stride(), H, M, N, D, qk_scale, scale, keys_per_split, n_dchunks, **constexprs, **launch)
     # Fixed-order reduction over splits: deterministic.
-    return dqp.sum(0).to(q.dtype), dk, dv
+    return dq_parts.sum(0).to(q.dtype), dk, dv
 
 
 # ============================================================================================
@@ -811,7 +525,8 @@ def triton_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Raises:
         ValueError on shape/dtype/device mismatch.
     """
-    _check(q, k, v, key_padding_mask)
+    check_attention_inputs(q, k, v, key_padding_mask, name="triton_cross_attention")
+    common.check_kernel_inputs(q, "triton_cross_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     o, _ = _fwd_op(q, k, v, key_padding_mask, scale)
     return o

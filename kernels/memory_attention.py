@@ -21,7 +21,7 @@ a second time as V, and with D = 256 covers the head dim in chunks whose program
 full key rows. Here a program keeps its query block and the whole head dim (D <= 256) in one tile,
 loads each F tile (and the L2-resident P tile) once and feeds both dots from it, so the pixel
 memory is read once per query block. Same split-over-keys structure as regime (b): splits combined
-by log-sum-exp (the combine and delta kernels of ``cross_attention.py``, with H = 1), backward from
+by log-sum-exp (the combine and delta kernels of ``common.py``, with H = 1), backward from
 the saved log-sum-exp: dF per key block (key-major, written directly), dQ as fp32 partials per key
 split summed by torch in a fixed order (deterministic).
 
@@ -42,14 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
+from crformer.kernels import common
 from crformer.kernels import cross_attention as ca
-from crformer.ops.attention import check_memory_attention_inputs, memory_as_cross_attention
+from crformer.kernels.common import shipped
+from crformer.kernels.inputs import check_memory_attention_inputs, memory_as_cross_attention
 
 __all__ = ["triton_memory_attention", "MAX_D", "KERNEL_TABLE", "KERNELS", "POINTER_ARGS", "POINTER_TYPES"]
 
 MAX_D = 256  # the whole head dim sits in one register tile
 
-# Shipped configurations, in the format of cross_attention.KERNEL_TABLE (the AOT sm_90 test compiles
+# Shipped configurations, in the format described in common.py (the AOT sm_90 test compiles
 # every one and fails on a spill). BLOCK_D is the smallest shipped width >= D. The tiles are the
 # largest that ptxas (sm_90a, triton 3.8) fits without spilling at D = 256 with a position table,
 # 8 warps (benchmarks/NOTES.md, "memory attention"): the forward keeps a 64-row query tile (wgmma)
@@ -58,14 +60,12 @@ MAX_D = 256  # the whole head dim sits in one register tile
 # second (position-gradient) accumulator of memory_bwd_dmem fits too: 194 registers at D = 256.
 # Tiles were chosen by registers only: not timed on a GPU yet.
 _LOWP = ("fp16", "bf16")
-_CHOICES = {"HAS_POS": (False, True), "BLOCK_D": (64, 128, 256)}
+_POS_AND_D = dict(HAS_POS=(False, True), BLOCK_D=(64, 128, 256))
 KERNEL_TABLE = {
-    "memory_fwd": dict(kernel="memory_fwd", dtypes=_LOWP, choices=_CHOICES, fixed={"BLOCK_M": 64, "BLOCK_N": 32},
-                       num_warps=8, num_stages=2, mma="wgmma"),
-    "memory_bwd_dq": dict(kernel="memory_bwd_dq", dtypes=_LOWP, choices=_CHOICES,
-                          fixed={"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2, mma="mma"),
-    "memory_bwd_dmem": dict(kernel="memory_bwd_dmem", dtypes=_LOWP, choices=dict(_CHOICES, NEED_DPOS=(False, True)),
-                            fixed={"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2, mma="mma"),
+    "memory_fwd": shipped("memory_fwd", _LOWP, 8, 2, "wgmma", BLOCK_M=64, BLOCK_N=32, **_POS_AND_D),
+    "memory_bwd_dq": shipped("memory_bwd_dq", _LOWP, 8, 2, "mma", BLOCK_M=32, BLOCK_N=64, **_POS_AND_D),
+    "memory_bwd_dmem": shipped("memory_bwd_dmem", _LOWP, 8, 2, "mma", BLOCK_M=64, BLOCK_N=32, **_POS_AND_D,
+                               NEED_DPOS=(False, True)),
 }
 
 
@@ -80,7 +80,7 @@ def _keys(f, pos_base, cols, dd, cd, s_pn, s_pd, HAS_POS: tl.constexpr):
     """The key tile F + P, rounded once to F's dtype (as the unfolded layer's input would be)."""
     k = f
     if HAS_POS:
-        p = tl.load(pos_base + cols[:, None] * s_pn + dd[None, :] * s_pd, mask=cd, other=0.0)
+        p = common.load_tile(pos_base, cols, s_pn, dd, s_pd, cd)
         k = (f.to(tl.float32) + p.to(tl.float32)).to(f.dtype)
     return k
 
@@ -90,14 +90,13 @@ def _key_block(q, f_base, pos_base, keep_base, n0, n_end, dd, dmask, s_fn, s_fd,
                HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key block [n0, n0 + BLOCK_N) ∩ [0, n_end) seen from a query tile q: (F tile, K = F + P tile,
     s2 = q Kᵀ · scale · log2(e) with masked and padded keys at -inf)."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    cmask = cols < n_end
+    cols, cmask = common.span(n0, BLOCK_N, n_end)
     cd = cmask[:, None] & dmask[None, :]
-    keep = tl.load(keep_base + cols * s_keep_n, mask=cmask, other=0) != 0
-    f = tl.load(f_base + cols[:, None] * s_fn + dd[None, :] * s_fd, mask=cd, other=0.0)
+    keep = common.load_keep(keep_base, cols, cmask, s_keep_n)
+    f = common.load_tile(f_base, cols, s_fn, dd, s_fd, cd)
     k = _keys(f, pos_base, cols, dd, cd, s_pn, s_pd, HAS_POS)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    return f, k, tl.where((keep & cmask)[None, :], s * qk_scale, float("-inf"))
+    return f, k, common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
 
 
 @triton.jit
@@ -112,34 +111,25 @@ def _memory_fwd_kernel(Q, F, POS, KEEP, OP, LP,
     normalised partial OP (n_splits, B, M, D) fp32 and LP (n_splits, B, M) fp32, the log2-sum-exp2
     of the scaled logits (-inf where the split has no valid key).
     """
-    pid_m = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(Q + b * s_qb + rows[:, None] * s_qm + dd[None, :] * s_qd,
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
-    n_start = split * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, N)
+    rows, rmask = common.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
+    dd, dmask = common.span(0, BLOCK_D, D)
+    rd = rmask[:, None] & dmask[None, :]
+    q = common.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
+    n_start, n_end = common.key_range(split, keys_per_split, N)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i, l_i, acc = common.online_softmax_start(BLOCK_M, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
         f, _, s = _key_block(q, F + b * s_fb, POS + b * s_pb, KEEP + b * s_keep_b, n0, n_end, dd, dmask,
                              s_fn, s_fd, s_pn, s_pd, s_keep_n, qk_scale, HAS_POS, BLOCK_N)
-        p, alpha, m_i, l_i = ca.online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = common.online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(f.dtype), f, acc, input_precision="ieee")
 
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    l_safe, lse = common.online_softmax_finish(m_i, l_i)
     part = split.to(tl.int64) * tl.num_programs(2) + b
-    tl.store(OP + (part * M + rows[:, None]) * D + dd[None, :], acc / l_safe[:, None],
-             mask=rmask[:, None] & dmask[None, :])
+    tl.store(common.part_ptrs(OP, part, M, rows, dd, D), acc / l_safe[:, None], mask=rd)
     tl.store(LP + part * M + rows, lse, mask=rmask)
 
 
@@ -154,31 +144,24 @@ def _memory_bwd_dq_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DQP,
     dS = P ⊙ (dO Fᵀ - delta) with P = 2^(s2 - lse); dQ = scale · dS (F + P).
     DQP (n_splits, B, M, D) fp32; the launcher sums the splits in a fixed order.
     """
-    pid_m = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
+    rows, rmask = common.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
+    lse, delta = common.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
+    dd, dmask = common.span(0, BLOCK_D, D)
     rd = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * s_qb + rows[:, None] * s_qm + dd[None, :] * s_qd, mask=rd, other=0.0)
-    do = tl.load(DO + b * s_dob + rows[:, None] * s_dom + dd[None, :] * s_dod, mask=rd, other=0.0)
-    # Padded rows load lse = +inf (P = 0); fully masked rows saved +inf too.
-    lse = tl.load(LSE + b * M + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(DELTA + b * M + rows, mask=rmask, other=0.0)
-    n_start = split * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, N)
+    q = common.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
+    do = common.load_tile(DO + b * s_dob, rows, s_dom, dd, s_dod, rd)
+    n_start, n_end = common.key_range(split, keys_per_split, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         f, k, s = _key_block(q, F + b * s_fb, POS + b * s_pb, KEEP + b * s_keep_b, n0, n_end, dd, dmask,
                              s_fn, s_fd, s_pn, s_pd, s_keep_n, qk_scale, HAS_POS, BLOCK_N)
         dp = tl.dot(do, tl.trans(f), input_precision="ieee")
-        p = tl.exp2(s - lse[:, None])
-        ds = p * (dp - delta[:, None])
+        _, ds = common.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
         dq = tl.dot(ds.to(f.dtype), k, dq, input_precision="ieee")
     part = split.to(tl.int64) * tl.num_programs(2) + b
-    tl.store(DQP + (part * M + rows[:, None]) * D + dd[None, :], dq * sm_scale, mask=rd)
+    tl.store(common.part_ptrs(DQP, part, M, rows, dd, D), dq * sm_scale, mask=rd)
 
 
 @triton.jit
@@ -196,31 +179,29 @@ def _memory_bwd_dmem_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DMEM, DPOSP,
     """
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # Written out rather than with common.span: so ptxas (sm_90a) allocates 192 registers, not 196,
+    # at D = 256 with NEED_DPOS (tests/kernels/test_compile_sm90.py).
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
+    dd, dmask = common.span(0, BLOCK_D, D)
     cd = cmask[:, None] & dmask[None, :]
-    valid = (tl.load(KEEP + b * s_keep_b + cols * s_keep_n, mask=cmask, other=0) != 0) & cmask
-    f = tl.load(F + b * s_fb + cols[:, None] * s_fn + dd[None, :] * s_fd, mask=cd, other=0.0)
+    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
+    f = common.load_tile(F + b * s_fb, cols, s_fn, dd, s_fd, cd)
     k = _keys(f, POS + b * s_pb, cols, dd, cd, s_pn, s_pd, HAS_POS)
     q_base = Q + b * s_qb
     do_base = DO + b * s_dob
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     acc_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+        rows, rmask = common.span(m0, BLOCK_M, M)
         rd = rmask[:, None] & dmask[None, :]
-        q = tl.load(q_base + rows[:, None] * s_qm + dd[None, :] * s_qd, mask=rd, other=0.0)
-        do = tl.load(do_base + rows[:, None] * s_dom + dd[None, :] * s_dod, mask=rd, other=0.0)
-        lse = tl.load(LSE + b * M + rows, mask=rmask, other=float("inf"))
-        delta = tl.load(DELTA + b * M + rows, mask=rmask, other=0.0)
+        q = common.load_tile(q_base, rows, s_qm, dd, s_qd, rd)
+        do = common.load_tile(do_base, rows, s_dom, dd, s_dod, rd)
+        lse, delta = common.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
         st = tl.dot(k, tl.trans(q), input_precision="ieee")
         dpt = tl.dot(f, tl.trans(do), input_precision="ieee")
-        st = tl.where(valid[:, None], st * qk_scale, float("-inf"))
-        pt = tl.exp2(st - lse[None, :])
-        dst = pt * (dpt - delta[None, :])
+        st = common.scaled_logits(st, valid[:, None], qk_scale)
+        pt, dst = common.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
         acc = tl.dot(pt.to(f.dtype), do, acc, input_precision="ieee")
         if NEED_DPOS:
             acc_k = tl.dot(dst.to(f.dtype), q, acc_k, input_precision="ieee")
@@ -228,10 +209,9 @@ def _memory_bwd_dmem_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DMEM, DPOSP,
             acc = tl.dot((dst * sm_scale).to(f.dtype), q, acc, input_precision="ieee")
     if NEED_DPOS:
         acc_k = acc_k * sm_scale
-        tl.store(DPOSP + (b * N + cols[:, None]) * D + dd[None, :], acc_k, mask=cd)
+        tl.store(common.part_ptrs(DPOSP, b, N, cols, dd, D), acc_k, mask=cd)
         acc += acc_k
-    tl.store(DMEM + b * s_dmb + cols[:, None] * s_dmn + dd[None, :] * s_dmd,
-             acc.to(DMEM.dtype.element_ty), mask=cd)
+    common.store_tile(DMEM + b * s_dmb, cols, s_dmn, dd, s_dmd, acc, cd)
 
 
 # Name -> kernel, pointer arguments and their element types (pointers not listed carry the input
@@ -256,11 +236,11 @@ def _fused(q: torch.Tensor) -> bool:
 
 
 def _config(entry, has_pos, D, **want):
-    return ca._config(entry, KERNEL_TABLE, HAS_POS=has_pos, BLOCK_D=triton.next_power_of_2(D), **want)
+    return common.config(KERNEL_TABLE, entry, HAS_POS=has_pos, BLOCK_D=triton.next_power_of_2(D), **want)
 
 
 def _pos_args(memory, pos):
-    """(pointer, batch/row/dim strides, HAS_POS); without pos the memory pointer stands in, unread."""
+    """(tensor, batch/row/dim strides, HAS_POS); without pos the memory stands in, unread."""
     if pos is None:
         return memory, (0, 0, 0), False
     return pos, tuple(pos.stride()), True
@@ -271,26 +251,25 @@ def _forward(q, memory, pos, keep, scale):
     without a valid key)."""
     B, M, D = q.shape
     N = memory.shape[1]
-    dev = q.device
-    o = ca._alloc((B, M, D), q.dtype, dev)
-    lse = ca._alloc((B, M), torch.float32, dev)
+    device = q.device
+    o = common.alloc((B, M, D), q.dtype, device)
+    lse = common.alloc((B, M), torch.float32, device)
     if M == 0 or B == 0:
         return o, lse
     if N == 0:  # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("inf"))
-    ku8 = ca._keep_u8(keep, B, N, dev)
-    pos_t, pos_s, has_pos = _pos_args(memory, pos)
-    cx, opts = _config("memory_fwd", has_pos, D)
-    n_m = triton.cdiv(M, cx["BLOCK_M"])
-    n_splits, kps = ca._long_splits(n_m * B, N, cx["BLOCK_N"], dev)
-    op = ca._alloc((n_splits, B, M, D), torch.float32, dev)
-    lp = ca._alloc((n_splits, B, M), torch.float32, dev)
-    _memory_fwd_kernel[(n_m, n_splits, B)](
-        q, memory, pos_t, ku8, op, lp, *q.stride(), *memory.stride(), *pos_s, ku8.stride(0), ku8.stride(1),
-        M, N, D, scale * ca._LOG2E, kps, **cx, **opts)
-    cx, opts = ca._config("long_combine")
-    ca._long_combine_kernel[(triton.cdiv(M, cx["BLOCK_M"]), B)](
-        op, lp, o, lse, o.stride(0), 0, o.stride(1), o.stride(2), 1, M, D, n_splits, B, **cx, **opts)
+    keep_bytes = common.keep_u8(keep, B, N, device)
+    pos_arg, pos_strides, has_pos = _pos_args(memory, pos)
+    constexprs, launch = _config("memory_fwd", has_pos, D)
+    n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
+    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
+                                                 ca.PROGRAMS_PER_SM)
+    o_parts = common.alloc((n_splits, B, M, D), torch.float32, device)
+    lse_parts = common.alloc((n_splits, B, M), torch.float32, device)
+    _memory_fwd_kernel[(n_query_blocks, n_splits, B)](
+        q, memory, pos_arg, keep_bytes, o_parts, lse_parts, *q.stride(), *memory.stride(), *pos_strides,
+        *keep_bytes.stride(), M, N, D, scale * common.LOG2E, keys_per_split, **constexprs, **launch)
+    common.combine_splits(o_parts, lse_parts, o[:, None], lse)  # one head
     return o, lse
 
 
@@ -298,37 +277,35 @@ def _backward(do, q, memory, pos, keep, o, lse, scale, need_dpos):
     """(dq, dmemory, dpos): inputs' dtypes; dpos is an empty tensor unless ``need_dpos``."""
     B, M, D = q.shape
     N = memory.shape[1]
-    dev = q.device
+    device = q.device
     no_dpos = q.new_empty((0,))
     if M == 0 or N == 0 or B == 0:
         dpos = torch.zeros_like(pos) if need_dpos else no_dpos
         return torch.zeros_like(q), torch.zeros_like(memory), dpos
-    ku8 = ca._keep_u8(keep, B, N, dev)
-    pos_t, pos_s, has_pos = _pos_args(memory, pos)
-    qk_scale = scale * ca._LOG2E
+    keep_bytes = common.keep_u8(keep, B, N, device)
+    pos_arg, pos_strides, has_pos = _pos_args(memory, pos)
+    qk_scale = scale * common.LOG2E
+    delta = common.row_delta(o[:, None], do[:, None])  # one head
 
-    delta = ca._alloc((B, M), torch.float32, dev)
-    cx, opts = ca._config("long_bwd_delta")
-    ca._long_bwd_delta_kernel[(triton.cdiv(M, cx["BLOCK_M"]), B)](
-        o, do, delta, o.stride(0), 0, o.stride(1), o.stride(2), do.stride(0), 0, do.stride(1), do.stride(2),
-        1, M, D, **cx, **opts)
+    constexprs, launch = _config("memory_bwd_dmem", has_pos, D, NEED_DPOS=need_dpos)
+    dmem = common.alloc((B, N, D), memory.dtype, device)
+    # Without need_dpos, dmem stands in for the unwritten per-batch position gradient.
+    dpos_per_batch = common.alloc((B, N, D), torch.float32, device) if need_dpos else dmem
+    _memory_bwd_dmem_kernel[(triton.cdiv(N, constexprs["BLOCK_N"]), B)](
+        q, memory, pos_arg, keep_bytes, do, lse, delta, dmem, dpos_per_batch, *q.stride(), *memory.stride(),
+        *pos_strides, *do.stride(), *keep_bytes.stride(), *dmem.stride(), M, N, D, qk_scale, scale, **constexprs,
+        **launch)
+    dpos = dpos_per_batch.to(pos.dtype) if need_dpos else no_dpos
 
-    cx, opts = _config("memory_bwd_dmem", has_pos, D, NEED_DPOS=need_dpos)
-    dmem = ca._alloc((B, N, D), memory.dtype, dev)
-    dposp = ca._alloc((B, N, D), torch.float32, dev) if need_dpos else dmem  # dmem: a stand-in, unwritten
-    _memory_bwd_dmem_kernel[(triton.cdiv(N, cx["BLOCK_N"]), B)](
-        q, memory, pos_t, ku8, do, lse, delta, dmem, dposp, *q.stride(), *memory.stride(), *pos_s, *do.stride(),
-        ku8.stride(0), ku8.stride(1), *dmem.stride(), M, N, D, qk_scale, scale, **cx, **opts)
-    dpos = dposp.to(pos.dtype) if need_dpos else no_dpos
-
-    cx, opts = _config("memory_bwd_dq", has_pos, D)
-    n_m = triton.cdiv(M, cx["BLOCK_M"])
-    n_splits, kps = ca._long_splits(n_m * B, N, cx["BLOCK_N"], dev)
-    dqp = ca._alloc((n_splits, B, M, D), torch.float32, dev)
-    _memory_bwd_dq_kernel[(n_m, n_splits, B)](
-        q, memory, pos_t, ku8, do, lse, delta, dqp, *q.stride(), *memory.stride(), *pos_s, *do.stride(),
-        ku8.stride(0), ku8.stride(1), M, N, D, qk_scale, scale, kps, **cx, **opts)
-    return dqp.sum(0).to(q.dtype), dmem, dpos  # fixed-order reduction over splits: deterministic
+    constexprs, launch = _config("memory_bwd_dq", has_pos, D)
+    n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
+    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
+                                                 ca.PROGRAMS_PER_SM)
+    dq_parts = common.alloc((n_splits, B, M, D), torch.float32, device)
+    _memory_bwd_dq_kernel[(n_query_blocks, n_splits, B)](
+        q, memory, pos_arg, keep_bytes, do, lse, delta, dq_parts, *q.stride(), *memory.stride(), *pos_strides,
+        *do.stride(), *keep_bytes.stride(), M, N, D, qk_scale, scale, keys_per_split, **constexprs, **launch)
+    return dq_parts.sum(0).to(q.dtype), dmem, dpos  # fixed-order reduction over splits: deterministic
 
 
 # ============================================================================================
@@ -396,7 +373,7 @@ def triton_memory_attention(q: torch.Tensor, memory: torch.Tensor, pos: Optional
         ValueError on shape/dtype/device mismatch.
     """
     check_memory_attention_inputs(q, memory, pos, key_padding_mask, name="triton_memory_attention")
-    ca.check_kernel_inputs(q, "triton_memory_attention")
+    common.check_kernel_inputs(q, "triton_memory_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not _fused(q):
         return ca.triton_cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]

@@ -29,6 +29,7 @@ inproc = pytest.mark.skipif(RUN_IN_SUBPROCESS, reason="triton was imported befor
                                                       "be set; see test_rerun_in_subprocess")
 
 if not RUN_IN_SUBPROCESS:
+    from crformer.kernels import common
     from crformer.kernels import cross_attention as ca
     from crformer.kernels.cross_attention import SHORT_MAX_N, triton_cross_attention
 from crformer.ops.attention import reference_cross_attention
@@ -134,13 +135,13 @@ def nan_buffers(monkeypatch):
     """Every launcher-allocated buffer starts as NaN: any element a kernel forgets stays NaN."""
     if RUN_IN_SUBPROCESS:
         return
-    monkeypatch.setattr(ca, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                              device=device))
+    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                 device=device))
 
 
 def _set_sms(monkeypatch, sms):
     if NO_GPU:  # on a GPU keep the real SM count
-        monkeypatch.setattr(ca, "_num_sms", lambda device: sms)
+        monkeypatch.setattr(common, "num_sms", lambda device: sms)
 
 
 @inproc
