@@ -55,16 +55,26 @@ def bench_layer(rows, dev, case, B, Nq, hw, D, H, ffn, quick, compiled):
     mask = common.padding_mask(B, L_WORDS, 5, device)
     gout = rnd(B, Nq, D)
     # "+fold": the cross-attention with its projections folded into the queries (model key
-    # fold_decoder_attention): one H·N_q-query, D-wide call that reads the memory once.
-    backends = ["reference", "sdpa", "sdpa+fold"] + (["xformers", "triton", "triton+fold"] if dev.cuda else [])
+    # fold_decoder_attention): one H·N_q-query, D-wide call that reads the memory once. Timed for
+    # every registered backend with a fused memory_attention, and for sdpa (the materialised form).
+    from crformer.ops import BACKENDS
+
+    backends = []
+    for name, why in common.registered_backends(dev):
+        backends.append((name, why))
+        if name == "sdpa" or BACKENDS[name].memory_attention is not None:
+            backends.append((name + "+fold", why))
     if dev.cuda and compiled:
-        backends.append("compile(reference)")
-    for name in backends:
+        backends.append(("compile(reference)", ""))
+    for name, why in backends:
+        if why:
+            common.skip(rows, case, name, "—", why)
+            continue
         torch.manual_seed(0)
         base, _, fold = name.partition("+")
         layer = CalibrationDecoderLayer(D, H, ffn, calibration=True,
-                                        backend="reference" if name.startswith("compile") else base,
-                                        fold_keys=fold == "fold")
+                                        attn_backend="reference" if name.startswith("compile") else base,
+                                        fold_decoder_attention=fold == "fold")
         layer = layer.to(device=device, dtype=dt)
         fn = torch.compile(layer, dynamic=False) if name.startswith("compile") else layer
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -80,12 +90,6 @@ def bench_layer(rows, dev, case, B, Nq, hw, D, H, ffn, quick, compiled):
             return torch.autograd.grad(out, [q, memory, words] + params, gout)
 
         extra = {"B": B, "Nq": Nq, "N": N, "D": D, "H": H}
-        if name == "xformers":
-            try:
-                import xformers.ops  # noqa: F401
-            except ImportError:
-                common.skip(rows, case, name, "—", "xformers not importable")
-                continue
         common.run_case(rows, dev, case, name, "fwd", fwd, fwd_b, quick, extra)
         common.run_case(rows, dev, case, name, "fwd+bwd", fwdbwd, fwd_b + bwd_b, quick, extra)
 
@@ -93,7 +97,7 @@ def bench_layer(rows, dev, case, B, Nq, hw, D, H, ffn, quick, compiled):
 def bench_memory_attention(rows, dev, case, B, M, N, D, quick, compiled):
     """``memory_attention(q B×M×D, memory B×N×D, pos N×D)``: the fused kernel against every
     ``cross_attention`` peer given the materialised keys (inside the timed call, as the model would)."""
-    from crformer.ops import memory_attention
+    from crformer.ops import BACKENDS, memory_attention
 
     dt, device = dev.dtype, dev.device
     es = torch.finfo(dt).bits // 8
@@ -111,8 +115,9 @@ def bench_memory_attention(rows, dev, case, B, M, N, D, quick, compiled):
     peers = [(name, None if impl is None else
               (lambda q, f, p, _impl=impl: _impl(q[:, None], (f + p)[:, None], f[:, None], None)[:, 0]), why)
              for name, impl, why in common.attention_backends(dev, compiled)]
-    if dev.cuda:
-        peers.append(("triton-memory", lambda q, f, p: memory_attention(q, f, p, backend="triton"), ""))
+    # The fused memory_attention of every registered backend that has one (triton: "triton-memory").
+    peers += [(name + "-memory", None if why else (lambda q, f, p, _n=name: memory_attention(q, f, p, backend=_n)), why)
+              for name, why in common.registered_backends(dev) if BACKENDS[name].memory_attention is not None]
     for name, impl, why in peers:
         if impl is None:
             common.skip(rows, case, name, "—", why)

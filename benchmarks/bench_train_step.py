@@ -161,11 +161,12 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help=f"batch sweep B = {', '.join(map(str, SWEEP))} (--quick on CPU: "
                          f"{', '.join(map(str, SWEEP_QUICK))}) instead of one batch size")
-    ap.add_argument("--backends", default=None, help="comma list (default: triton,reference,sdpa on CUDA)")
+    ap.add_argument("--backends", default=None,
+                    help="comma list (default: every registered backend that runs here, crformer.ops.BACKENDS)")
     args = ap.parse_args(argv)
     dev = common.setup(args)
     from crformer.config import load_config
-    from crformer.models import build_model
+    from crformer.models import CRFormer
 
     print(dev.header("training step (paper model, random weights)"))
     if not dev.cuda:
@@ -189,7 +190,7 @@ def main(argv=None):
         batches = list(SWEEP_QUICK if args.quick and not dev.cuda else SWEEP)
         shape_note = shape_note.replace(f"B={B}", f"B swept over {batches}")
     backends = (args.backends.split(",") if args.backends
-                else (["triton", "reference", "sdpa"] if dev.cuda else ["reference", "sdpa"]))
+                else [name for name, why in common.registered_backends(dev) if not why])
     warmup, reps = TIMING[args.quick]
     notes = [shape_note, te_note, "random weights; AdamW(lr 5e-5, wd 1e-2); "
              + ("bf16 autocast" if dev.cuda or amp == "bf16" else "fp32"),
@@ -210,7 +211,7 @@ def main(argv=None):
         cfg = load_config(config, overrides + [f"model.attn_backend={name}"])
         S, L = cfg["data"]["image_size"], cfg["data"]["max_tokens"]
         torch.manual_seed(0)
-        model = build_model(cfg).to(dev.device).train()
+        model = CRFormer.from_config(cfg, dev.device).to(dev.device).train()
         vocab = model.text_encoder.bert.config.vocab_size
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-2)
         for b in batches:

@@ -8,7 +8,7 @@ L = 20 words (valid lengths 5–20); 1 head, so the head dim is the full C. Each
 (a) as the attention call ``crformer.ops.cross_attention`` with q B×1×N×C, k/v B×1×L×C, forward and
 forward+backward, across reference, torch.compile(reference), sdpa, FlexAttention, xformers and
 triton (the last four on CUDA only), and (b) as the whole VLF module
-``VisionLanguageFusion(C, lang_dim=768, 1 head, backend)`` (norm, attention, vis/fuse projections,
+``VisionLanguageFusion(C, lang_dim=768, 1 head, attn_backend)`` (norm, attention, vis/fuse projections,
 gate) with words B×L×768 (BERT-base width). Bytes: see benchmarks/common.py. Results go to
 <out-dir>/<device>-<date>.json and .md (section "vlf").
 """
@@ -39,18 +39,15 @@ def bench_module(rows, dev, case, B, hw, C, lang_dim, quick, compiled):
     words = torch.randn(B, L_WORDS, lang_dim, generator=g, device=device, dtype=dt).requires_grad_()
     mask = common.padding_mask(B, L_WORDS, 5, device)
     gx, gm = (torch.randn(B, N, C, generator=g, device=device, dtype=dt) for _ in range(2))
-    backends = ["reference", "sdpa"] + (["xformers", "triton"] if dev.cuda else [])
+    backends = common.registered_backends(dev)
     if dev.cuda and compiled:
-        backends.append("compile(reference)")
-    for name in backends:
-        if name == "xformers":
-            try:
-                import xformers.ops  # noqa: F401
-            except ImportError:
-                common.skip(rows, case, name, "—", "xformers not importable")
-                continue
+        backends.append(("compile(reference)", ""))
+    for name, why in backends:
+        if why:
+            common.skip(rows, case, name, "—", why)
+            continue
         torch.manual_seed(0)
-        mod = VisionLanguageFusion(C, lang_dim, 1, backend="reference" if name.startswith("compile") else name)
+        mod = VisionLanguageFusion(C, lang_dim, 1, attn_backend="reference" if name.startswith("compile") else name)
         mod = mod.to(device=device, dtype=dt)
         fn = torch.compile(mod, dynamic=False) if name.startswith("compile") else mod
         params = [p for p in mod.parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
 """Shared helpers for the benchmark scripts: device/bandwidth, timing, byte counts, tables, JSON.
 
-Byte counting (DESIGN.md §6): the floor of an op is the bytes it *must* move — each input read once,
+Byte counting (docs/DESIGN.md §6): the floor of an op is the bytes it *must* move — each input read once,
 each output written once — divided by the HBM bandwidth. Caches, recomputation and intermediate
 tensors are not counted, so "% of floor" = floor time / measured time says how far an implementation
 is from a perfectly fused, bandwidth-bound one (100% = at the floor).
@@ -37,7 +37,7 @@ L2_BYTES = 50 * 2**20  # H100 and H200 both have 50 MB of L2
 # HBM bandwidth used for the floor, by device-name substring: (bytes/s, where the number comes from).
 BANDWIDTHS = [
     ("H200", 4.0e12, "H200 ~4.0 TB/s: GUESS of a measured copy (4.8 TB/s spec), not measured here"),
-    ("H100", 3.0e12, "H100 3.0 TB/s: measured copy (DESIGN.md §6)"),
+    ("H100", 3.0e12, "H100 3.0 TB/s: measured copy (docs/DESIGN.md §6)"),
 ]
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak in TFLOP/s, by device name (torch.cuda.get_device_name()), for
@@ -583,16 +583,24 @@ def padding_mask(B: int, N: int, lo: int, device, seed: int = 0) -> torch.Tensor
     return (torch.arange(N)[None, :] < lengths[:, None]).to(device)
 
 
+def registered_backends(dev: Device) -> list[tuple[str, str]]:
+    """[(name, why it cannot run here, or "")] for every backend of the registry
+    ``crformer.ops.BACKENDS`` that runs natively on the device's type (on CPU: not triton's interpreter)."""
+    from crformer.ops import BACKENDS
+
+    return [(name, b.unavailable(dev.device) or "") for name, b in BACKENDS.items() if dev.device.type in b.devices]
+
+
 def attention_backends(dev: Device, compiled: bool = True) -> list[tuple[str, Optional[Callable], str]]:
-    """[(name, fn(q, k, v, mask) or None, why skipped)] for every peer of ``cross_attention``.
+    """[(name, fn(q, k, v, mask) or None, why skipped)] for every registered backend of
+    ``cross_attention`` (:func:`registered_backends`) and, on CUDA, the peers torch.compile and flex.
 
     FlexAttention's block mask is built from the same key padding mask outside the timed call
     (cached per mask tensor): a model would build it once per batch and reuse it across layers."""
     from crformer.ops import cross_attention, reference_cross_attention
 
-    out: list = []
-    for name in ("reference", "sdpa"):
-        out.append((name, lambda q, k, v, m, _n=name: cross_attention(q, k, v, m, backend=_n), ""))
+    out: list = [(name, None if why else (lambda q, k, v, m, _n=name: cross_attention(q, k, v, m, backend=_n)), why)
+                 for name, why in registered_backends(dev)]
     if not dev.cuda:  # the GPU-only peers are named once in the notes (CPU_NOTE), not per row
         return out
     if compiled:
@@ -621,13 +629,6 @@ def attention_backends(dev: Device, compiled: bool = True) -> list[tuple[str, Op
     else:
         out += [("compile(reference)", None, "not run for this case (compile time)"),
                 ("flex", None, "not run for this case (compile time)")]
-    try:
-        import xformers.ops  # noqa: F401
-
-        out.append(("xformers", lambda q, k, v, m: cross_attention(q, k, v, m, backend="xformers"), ""))
-    except ImportError:
-        out.append(("xformers", None, "xformers not importable"))
-    out.append(("triton", lambda q, k, v, m: cross_attention(q, k, v, m, backend="triton"), ""))
     return out
 
 

@@ -23,9 +23,8 @@ from crformer.data.dataset import image_to_tensor
 from crformer.data.image import load_image, to_rgb
 from crformer.engine import compile_mode, predict_logits, upsample_mask
 from crformer.errors import UserError
-from crformer.models import build_model
+from crformer.models import CRFormer
 from crformer.models.text_encoder import SentenceTokenizer
-from crformer.ops import set_default_backend
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -74,8 +73,7 @@ class Segmenter:
         ckpt = load_checkpoint(path)
         cfg = merge_config(ckpt["config"], overrides)
         cfg["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
-        set_default_backend(cfg["model"]["attn_backend"])
-        model = build_model(cfg)
+        model = CRFormer.from_config(cfg, device)
         load_model_state(model, ckpt["model"])
         tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
         return cls(model, cfg, tokenizer, device, batch_size=cfg["eval"]["batch_size"])

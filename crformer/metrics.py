@@ -1,10 +1,10 @@
-"""Referring-image-segmentation metrics (DESIGN §5).
+"""Referring-image-segmentation metrics (docs/DESIGN.md §5).
 
 Per sample (one sentence): ``I = |pred ∧ gt|``, ``U = |pred ∨ gt|``.
 
 * ``oIoU``  = ΣI / ΣU over the split (0 when ΣU = 0) — the headline number;
 * ``mIoU``  = mean over samples of I/U, where a sample with U = 0 (empty prediction AND empty
-  ground truth) counts as IoU **0**, as DESIGN §5 prescribes (some codebases count it as 1; referring
+  ground truth) counts as IoU **0**, as docs/DESIGN.md §5 prescribes (some codebases count it as 1; referring
   expressions always name an object, so an empty ground truth means a broken sample);
 * ``Prec@X`` = share of samples with I/U ≥ X for X ∈ {0.5, 0.6, 0.7, 0.8, 0.9};
 * ``n``     = number of samples.

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +29,9 @@ from crformer.distributed import barrier, cleanup, init_distributed, is_main
 from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
 from crformer.errors import UserError
 from crformer.metrics import format_table
-from crformer.models import build_model
+from crformer.models import CRFormer
 from crformer.models.losses import crformer_loss
 from crformer.models.text_encoder import SentenceTokenizer
-from crformer.ops import set_default_backend
 
 #: Parameters named like this are position tables: no weight decay (with norms, biases and every
 #: embedding table, see :func:`param_groups`).
@@ -118,11 +116,10 @@ class Trainer:
         if t["num_threads"]:
             torch.set_num_threads(t["num_threads"])
         seed_everything(t["seed"] + self.rank)
-        set_default_backend(cfg["model"]["attn_backend"])
         self.out = check_writable(t["out_dir"], "train.out_dir", folder=True)
         # Text encoder and model first: a bad folder or weights file is reported before any data work.
         self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
-        self.model = build_model(cfg).to(self.device)
+        self.model = CRFormer.from_config(cfg, self.device).to(self.device)
         # Rank 0 prepares the (synthetic) data first so the others only read it.
         if is_main():
             self.refer = open_refer(cfg)

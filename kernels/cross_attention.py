@@ -1,4 +1,4 @@
-"""Fused Triton cross-attention, forward and backward (DESIGN.md §3 "Kernels").
+"""Fused Triton cross-attention, forward and backward (docs/DESIGN.md §3 "Kernels").
 
 Public API::
 
@@ -39,7 +39,7 @@ Head dims: Triton needs power-of-two tiles, so d is covered by BLOCK_D-wide chun
 masked in every load/store (no padded copies). Wherever an accumulator would have to hold the whole
 head dim (dK/dV in (a), O/dK/dV/dQ in (b)) the grid gets a head-dim-chunk axis instead: each
 chunk's program recomputes the scores over the full d (cheap: these kernels are memory-bound,
-DESIGN.md §6) and owns one BLOCK_D slice of the outputs. Chunk programs of the same block are
+docs/DESIGN.md §6) and owns one BLOCK_D slice of the outputs. Chunk programs of the same block are
 adjacent in launch order, so their repeated reads of Q/K/V/dO are mostly L2 hits.
 
 Precision: fp16/bf16 run on tensor cores with fp32 accumulation; P and dS are rounded to the input
@@ -79,7 +79,7 @@ PROGRAMS_PER_SM = 2
 # regime (b) are shared with memory_attention.py and ship from common.KERNEL_TABLE.
 # mma = "mma" (mma.sync) where the 16-row query tile is below wgmma's 64-row warpgroup minimum
 # (CDec: M ~ 16 queries; these kernels are HBM-bound, tensor-core time is a few % of the byte
-# floor, DESIGN.md §6); "fma" for fp32 (exact fp32 on CUDA cores, see the top).
+# floor, docs/DESIGN.md §6); "fma" for fp32 (exact fp32 on CUDA cores, see the top).
 # In short_bwd with BLOCK_N < 64 the key-major dK/dV dots have only BLOCK_N rows, so those two
 # dots use mma.sync while the score/dP/dQ dots (64 query rows) use wgmma.
 # Tiles, warps and stages of the fp16/bf16 entries are the fastest spill-free candidates of

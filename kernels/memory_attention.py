@@ -1,5 +1,5 @@
-"""Fused Triton memory attention: the decoder's folded cross-attention (DESIGN.md §3), forward and
-backward.
+"""Fused Triton memory attention: the decoder's folded cross-attention (docs/DESIGN.md §3), forward
+and backward.
 
 Public API::
 
@@ -14,8 +14,8 @@ Public API::
 The oracle is ``crformer.ops.attention.reference_memory_attention``.
 
 Why a kernel of its own. With the decoder's projections folded into the queries
-(``MultiHeadAttention(fold_keys=True)``), all heads of a cross-attention are ONE D-wide attention
-whose keys are F + P and whose values are F itself. The generic long-key kernel
+(``MultiHeadAttention(fold_decoder_attention=True)``), all heads of a cross-attention are ONE D-wide
+attention whose keys are F + P and whose values are F itself. The generic long-key kernel
 (``cross_attention.py``, regime b) needs the keys materialised (F + P written, then read), reads F
 a second time as V, and with D = 256 covers the head dim in chunks whose programs each re-read the
 full key rows. Here a program keeps its query block and the whole head dim (D <= 256) in one tile,
@@ -27,8 +27,9 @@ split summed by torch in a fixed order (deterministic).
 
 dF = Pᵀ dO (value path) + dSᵀ Q · scale (key path) in one accumulator. dP is the key path alone:
 when pos needs a gradient the dF kernel keeps it in a second accumulator and also writes it per
-batch (fp32), and torch sums over the batch. (The model's positions are a fixed sine table plus a
-learned level embedding, so they do need it.)
+batch (fp32), and torch sums over the batch. (The model's positions are a fixed sine table that
+needs no gradient, so its calls take the NEED_DPOS=False variant; the position gradient serves
+callers whose pos requires grad.)
 
 fp32 inputs, and D > 256, take the generic kernels with the keys materialised: the full-width fp32
 tiles this kernel needs do not fit the registers (``input_precision="ieee"`` dots on CUDA cores).

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-# torch first: the extension is built against it (--no-build-isolation), see DESIGN §3.
+# torch first: the extension is built against it (--no-build-isolation), see docs/DESIGN.md §3.
 .venv/bin/python -m pip install -q torch
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
 .venv/bin/python -c "import crformer._C as c; print('crformer installed; extension CUDA kernels compiled in:', c.cuda_compiled())"

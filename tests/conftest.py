@@ -6,16 +6,10 @@ import os
 
 import pytest
 
+from tests.helpers import TINY_MODEL
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TINY_MODEL = [
-    "data.image_size=32", "data.synthetic.size=32", "data.synthetic.train_images=24", "data.synthetic.eval_samples=12",
-    "model.backbone.embed_dim=16", "model.backbone.depths=[1,1,1,1]", "model.backbone.num_heads=[1,1,2,2]",
-    "model.backbone.window_size=2", "model.backbone.drop_path_rate=0.0",
-    "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=4", "model.num_decoder_layers=2",
-    "train.batch_size=8", "train.warmup_iters=2", "train.log_every=1", "eval.batch_size=16",
-]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from PIL import Image
 from crformer import Segmenter, predict, train
 from crformer.cli import run
 from crformer.errors import UserError
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

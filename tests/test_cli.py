@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,24 +13,15 @@ from PIL import Image
 from crformer import evaluate, predict, train
 from crformer.checkpoint import load_checkpoint, save_atomic
 from crformer.cli import run
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.helpers import REPO, TINY_MODEL, train_losses
 
 def cli(main, argv, capsys=None):
     """Run a CLI main in-process the way ``python -m`` does (UserError → exit 2, one line)."""
     run(main, argv)
 
 
-def losses(out_dir):
-    recs = [json.loads(l) for l in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["total"] for r in recs if "total" in r}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_cache):
-    from tests.conftest import TINY_MODEL
-
     out = tmp_path_factory.mktemp("trained")
     cli(train.main, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={out}", "train.epochs=2"])
     return out
@@ -80,7 +70,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
     cli(train.main, base + [f"train.out_dir={part}", "train.max_steps=3"])  # stops mid-epoch 2
     assert load_checkpoint(part / "last.pt")["step"] == 3
     cli(train.main, ["--resume", str(part / "last.pt"), "train.max_steps=5"])
-    a, b = losses(full), losses(part)
+    a, b = train_losses(full), train_losses(part)
     assert set(a) == {1, 2, 3, 4, 5} and set(b) == {1, 2, 3, 4, 5}
     for step in (4, 5):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)

@@ -13,7 +13,7 @@ import torch
 from crformer.config import load_config
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 # ‖grad‖ / max(‖p‖, 1) measured in float64 over seeds 0-3 and both decoder forms: the 15 dead
 # parameters of the model before they were removed (every attention's k_proj.bias — the folded

@@ -9,7 +9,8 @@ from crformer.config import load_config
 from crformer.models import build_model
 from crformer.models.layers import GroupNorm, LayerNorm, MultiHeadAttention
 from crformer.models.text_encoder import SentenceTokenizer
-from tests.conftest import TINY_MODEL
+from crformer.ops import BACKENDS
+from tests.helpers import TINY_MODEL, skip_unless_backend_runs
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -18,14 +19,15 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
         p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("B,M,N,d_q,d_kv,d_attn,H,pos", [(2, 16, 37, 32, 32, 32, 4, "shared"),
                                                           (3, 5, 100, 24, 40, 48, 8, "batch"),
                                                           (1, 1, 9, 16, 16, 16, 1, None),
                                                           (2, 7, 64, 48, 96, 96, 3, "shared")])
 def test_folded_keys_equal_the_plain_attention(backend, B, M, N, d_q, d_kv, d_attn, H, pos):
+    skip_unless_backend_runs(backend, "cpu", native=True)  # float64 CPU tensors
     torch.manual_seed(B * 1000 + N)
-    mha = MultiHeadAttention(d_q, d_kv, d_attn, H, backend=backend).double()
+    mha = MultiHeadAttention(d_q, d_kv, d_attn, H, attn_backend=backend).double()
     _randomise(mha, N)
     q = torch.randn(B, M, d_q, dtype=torch.float64, requires_grad=True)
     memory = torch.randn(B, N, d_kv, dtype=torch.float64, requires_grad=True)
@@ -38,7 +40,7 @@ def test_folded_keys_equal_the_plain_attention(backend, B, M, N, d_q, d_kv, d_at
     outs, grads = [], []
     inputs = [q, memory] + ([] if key_pos is None else [key_pos])
     for fold in (False, True):
-        mha.fold_keys = fold
+        mha.fold_decoder_attention = fold
         out = mha(q, memory, key_padding_mask=mask, key_pos=key_pos)
         g_out = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
         params = inputs + list(mha.parameters())
@@ -53,7 +55,7 @@ def test_folded_keys_equal_the_plain_attention(backend, B, M, N, d_q, d_kv, d_at
 
 
 def test_folded_attention_takes_no_separate_values():
-    mha = MultiHeadAttention(16, 16, 16, 2, fold_keys=True)
+    mha = MultiHeadAttention(16, 16, 16, 2, fold_decoder_attention=True)
     x = torch.randn(1, 5, 16)
     with pytest.raises(ValueError, match="separate value"):
         mha(x, x, x)
@@ -69,7 +71,7 @@ def test_model_with_folded_decoder_attention_matches_the_plain_model(amp):
     plain = build_model(load_config(None, TINY_MODEL)).eval()
     folded = build_model(load_config(None, TINY_MODEL + ["model.fold_decoder_attention=true"])).eval()
     folded.load_state_dict(plain.state_dict())  # same parameters: checkpoints load either way
-    assert all(layer.cross.attn.fold_keys for layer in folded.decoder.layers)
+    assert all(layer.cross.attn.fold_decoder_attention for layer in folded.decoder.layers)
     tol = 1e-2 if amp else 1e-4  # bf16: the two forms round at different places (seen: 2e-3 of logits ~0.3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         torch.testing.assert_close(folded(images, ids, mask)["pred_masks"].float(),

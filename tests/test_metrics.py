@@ -55,7 +55,7 @@ def test_empty_prediction():
 
 
 def test_empty_union_counts_zero():
-    # DESIGN §5: I/U := 0 when U = 0 (both empty); the sample still counts in n and mIoU
+    # docs/DESIGN.md §5: I/U := 0 when U = 0 (both empty); the sample still counts in n and mIoU
     m = RISMetrics()
     z = np.zeros((4, 4), bool)
     assert m.update(z, z) == 0.0

@@ -9,7 +9,8 @@ from crformer.models import build_model
 from crformer.models.decoder import CalibrationLayer
 from crformer.models.losses import crformer_loss, reconstruction_loss
 from crformer.models.text_encoder import SentenceTokenizer
-from tests.conftest import TINY_MODEL
+from crformer.ops import BACKENDS
+from tests.helpers import TINY_MODEL, skip_unless_backend_runs
 
 SENTENCES = ["the red square", "the circle left of the blue star", "the leftmost small shape"]
 
@@ -113,17 +114,20 @@ def test_few_steps_on_a_fixed_batch_lower_the_loss(tokens):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_backends_agree_in_the_whole_model(tokens):
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "reference"])
+def test_backends_agree_in_the_whole_model(backend, tokens):
+    """Every registered backend that runs natively on CPU (on CPU tensors; triton interpreted: tests/kernels)."""
+    skip_unless_backend_runs(backend, "cpu", native=True)
     torch.manual_seed(0)
     ids, mask = tokens
     images = torch.randn(3, 3, 32, 32)
     outs = {}
-    for backend in ("reference", "sdpa"):
+    for name in ("reference", backend):
         torch.manual_seed(1)
-        model = build_model(tiny_cfg(f"model.attn_backend={backend}")).eval()
+        model = build_model(tiny_cfg(f"model.attn_backend={name}")).eval()
         with torch.no_grad():
-            outs[backend] = model(images, ids, mask)["pred_masks"]
-    torch.testing.assert_close(outs["reference"], outs["sdpa"], rtol=1e-4, atol=1e-4)
+            outs[name] = model(images, ids, mask)["pred_masks"]
+    torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
 
 
 def test_text_encoder_finetune_layers():

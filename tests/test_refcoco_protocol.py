@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,10 @@ from crformer.config import load_config
 from crformer.data.dataset import RefDataset
 from crformer.data.refer import REFER
 from crformer.errors import UserError
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
+from tests.helpers import python_m as run_module
 from tests.fixtures_refer import make_refer_fixture
 
-REPO = Path(__file__).resolve().parents[1]
 NOT_FOR_REFER = ("data.synthetic", "train.batch_size", "eval.batch_size")
 
 
@@ -66,11 +64,8 @@ def test_selection_never_reads_a_test_split(refer_root, tmp_path, monkeypatch):
 
 def test_train_then_evaluate_on_refer_unc(refer_root, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
     def python_m(*args):
-        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, env=env,
-                              timeout=600)
+        proc = run_module(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from crformer.config import load_config
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
 from crformer.train import accumulate_gradients
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL, train_losses
 
 
 def float64_model(*overrides: str):
@@ -89,11 +87,6 @@ def test_cuda_graphs_on_cpu_is_one_line(tiny, capsys):
 
 
 # ---------------------------------------------------------------- torch.compile (≈ 3 min per compile on 2 cores)
-def losses(out_dir: Path) -> dict:
-    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["total"] for r in recs if "total" in r}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
     """Eager and compiled tiny runs, and each resumed by the other kind from step 3."""
@@ -108,7 +101,7 @@ def runs(tmp_path_factory, data_cache):
     # Each checkpoint continues in the other mode.
     run(train.main, ["--resume", str(out["eager3"] / "last.pt"), "train.max_steps=5", "train.compile=default"])
     run(train.main, ["--resume", str(out["compiled3"] / "last.pt"), "train.max_steps=5", "train.compile=none"])
-    return {k: losses(v) for k, v in out.items()} | {"dirs": out}
+    return {k: train_losses(v) for k, v in out.items()} | {"dirs": out}
 
 
 def test_compiled_steps_match_eager(runs):

@@ -8,7 +8,6 @@ in them runs. Interrupted checkpoint writes leave nothing behind and resume exac
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import signal
@@ -28,15 +27,11 @@ from crformer.checkpoint import load_checkpoint, save_atomic
 from crformer.cli import run
 from crformer.config import load_config
 from crformer.errors import UserError
-from tests.conftest import TINY_MODEL
+from tests.helpers import REPO, TINY_MODEL, train_losses
+from tests.helpers import python_m as run_module
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def python_m(module: str, *args: str, timeout: int = 300, warnings: str = "ignore") -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings)
-    return subprocess.run([sys.executable, "-m", f"crformer.{module}", *args], capture_output=True, text=True,
-                           cwd=REPO, env=env, timeout=timeout)
+def python_m(module: str, *args: str, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    return run_module(f"crformer.{module}", *args, timeout=300, warnings=warnings)
 
 
 def snapshot(folder: Path) -> dict:
@@ -47,11 +42,6 @@ def snapshot(folder: Path) -> dict:
 
 def tiny_args(cache: str, out: Path, *extra: str) -> list[str]:
     return TINY_MODEL + [f"data.cache_dir={cache}", f"train.out_dir={out}", *extra]
-
-
-def train_losses(out_dir: Path) -> dict:
-    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["total"] for r in recs if "total" in r}
 
 
 @pytest.fixture(scope="module")

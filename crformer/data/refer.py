@@ -1,6 +1,6 @@
 """Python-3-safe reader (and tiny writer) for the REFER dataset layout.
 
-Layout (DESIGN §4)::
+Layout (docs/DESIGN.md §4)::
 
     ROOT/<dataset>/refs(<split_by>).p      # pickle written by Python 2 (list of ref dicts)
     ROOT/<dataset>/instances.json          # COCO-style images / annotations / categories

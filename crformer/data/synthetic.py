@@ -1,4 +1,4 @@
-"""Synthetic referring-segmentation benchmark, written in the REFER layout (DESIGN §4).
+"""Synthetic referring-segmentation benchmark, written in the REFER layout (docs/DESIGN.md §4).
 
 Scenes hold 2–6 non-overlapping shapes (circle, square, triangle, star) of a few colours and two
 sizes. Each scene draws its colours and shapes from a small per-scene palette so distractors share

@@ -1,4 +1,4 @@
-"""CRFormer model modules (DESIGN §2)."""
+"""CRFormer model modules (docs/DESIGN.md §2)."""
 
 from crformer.models.crformer import CRFormer, build_model
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from crformer.errors import UserError
 from crformer.models.layers import LayerNorm, MultiHeadAttention
+from crformer.ops import resolve_backend
 
 
 class VisionLanguageFusion(nn.Module):
@@ -22,10 +23,10 @@ class VisionLanguageFusion(nn.Module):
     The last stage has no next stage, so its VLF is built with ``gated=False`` (no unused weights).
     """
 
-    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, backend: str = "auto", gated: bool = True):
+    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, attn_backend: str = "auto", gated: bool = True):
         super().__init__()
         self.norm = LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, backend=backend)
+        self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, attn_backend=attn_backend)
         self.vis_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.fuse_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
         self.gate = None
@@ -70,29 +71,44 @@ def load_backbone_weights(swin: nn.Module, path: str) -> None:
 class SwinVLFEncoder(nn.Module):
     """timm Swin + VLF after each stage.
 
-    ``forward(images B×3×S×S, words B×L×C_l, mask B×L)`` → list of four multimodal maps
-    B×C_i×(S/s_i)×(S/s_i) at strides 4, 8, 16, 32 (for patch size 4).
+    ``forward(images B×3×S×S, words B×L×C_l, mask B×L bool)`` → list of four multimodal maps
+    B×C_i×(S/s_i)×(S/s_i) at strides 4, 8, 16, 32 (for patch size 4); C_i = ``self.dims[i]``.
+
+    Args:
+        image_size: S.  lang_dim: C_l, the word features' width.
+        name: any timm Swin; ``embed_dim``, ``depths``, ``num_heads`` (per stage), ``window_size``,
+            ``patch_size`` and ``drop_path_rate`` override its values (None: the timm model's own).
+            These are the keys of the ``model.backbone`` config section.
+        weights: a local Swin checkpoint to load (timm's filter maps key names), or None.
+        vlf_heads: heads of each VLF's attention.  attn_backend: see :class:`MultiHeadAttention`.
     """
 
-    def __init__(self, cfg: dict, image_size: int, lang_dim: int, vlf_heads: int = 1, backend: str = "auto"):
+    def __init__(self, *, image_size: int = 64, lang_dim: int = 384, name: str = "swin_tiny_patch4_window7_224",
+                 embed_dim: Optional[int] = 48, depths: Optional[Sequence[int]] = (2, 2, 2, 2),
+                 num_heads: Optional[Sequence[int]] = (2, 4, 8, 16), window_size: Optional[int] = 4,
+                 patch_size: Optional[int] = 4, drop_path_rate: Optional[float] = 0.1, weights: Optional[str] = None,
+                 vlf_heads: int = 1, attn_backend: str = "auto"):
         super().__init__()
         import timm
 
-        overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
-                     if k not in ("name", "weights") and v is not None}
+        swin_args = {"embed_dim": embed_dim, "depths": depths, "num_heads": num_heads, "window_size": window_size,
+                     "patch_size": patch_size, "drop_path_rate": drop_path_rate}
+        overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in swin_args.items() if v is not None}
         try:
-            self.swin = timm.create_model(cfg["name"], pretrained=False, img_size=image_size, num_classes=0,
+            self.swin = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0,
                                           norm_layer=LayerNorm, **overrides)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"cannot build backbone {cfg['name']!r} with {overrides}: {e}") from e
-        if cfg.get("weights"):
-            load_backbone_weights(self.swin, cfg["weights"])
+            raise UserError(f"cannot build backbone {name!r} with {overrides}: {e}") from e
+        if weights:
+            load_backbone_weights(self.swin, weights)
         # The classification norm/head are unused; dropping them keeps DDP free of unused parameters.
         self.swin.norm = nn.Identity()
         self.swin.head = nn.Identity()
         self.dims = [info["num_chs"] for info in self.swin.feature_info]
         self.strides = [info["reduction"] for info in self.swin.feature_info]
-        self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, backend, gated=i < len(self.dims) - 1)
+        attn_backend = resolve_backend(attn_backend)
+        self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, attn_backend=attn_backend,
+                                                      gated=i < len(self.dims) - 1)
                                  for i, d in enumerate(self.dims))
         self.out_norms = nn.ModuleList(LayerNorm(d) for d in self.dims)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional, Sequence, Union
+
 import torch
 import torch.nn as nn
 
@@ -12,39 +14,76 @@ from crformer.models.layers import LayerNorm, sine_position_embedding
 from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
 from crformer.models.text_encoder import TextEncoder
-from crformer.ops import masked_pool
+from crformer.ops import masked_pool, resolve_backend
 
 
 class CRFormer(nn.Module):
     """Referring image segmentation model.
 
     ``forward(images B×3×S×S, input_ids B×L, attention_mask B×L bool)`` → dict:
-      - ``pred_masks``: B×(S/s)×(S/s) mask logits from the last decoder layer (s = ``model.mask_stride``);
+      - ``pred_masks``: B×(S/s)×(S/s) mask logits from the last decoder layer (s = ``mask_stride``);
       - ``aux_masks``: list of N_d − 1 mask logits B×(S/4)×(S/4) from the earlier layers, before the
         outline refinement of ``mask_stride`` < 4 (training only);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
+
+    Every argument is named as its config key (``model.<name>``; ``image_size`` and ``max_tokens``
+    are ``data.*``) and defaults to its value in :data:`crformer.config.DEFAULTS`, so ``CRFormer()`` is
+    the embedded default model; :meth:`from_config` builds one from a config dict.
+
+    Args:
+        image_size: S.  max_tokens: L (slots of the language reconstruction).
+        text_encoder, text_finetune, text_trainable_layers: see :class:`TextEncoder`.
+        backbone: keyword arguments of the Swin in :class:`SwinVLFEncoder` (``name``, ``embed_dim``,
+            ``depths``, ``num_heads``, ``window_size``, ``patch_size``, ``drop_path_rate``,
+            ``weights``); None: its defaults.
+        vlf_heads: heads of each VLF.  d_model: D.  num_queries: N_q.  num_decoder_layers: N_d.
+        num_heads: heads of the decoder, QGM and LRM attentions.  ffn_dim: decoder FFN width.
+        memory_strides, mask_stride: see :class:`PixelDecoder` (memory strides beyond N_d are unused).
+        calibration: the Calibration layers (False: a plain decoder).  lrm: build the LRM.
+        attn_backend: a name in :data:`crformer.ops.BACKENDS` or ``"auto"``, decided once here for
+            every attention module (:func:`crformer.ops.resolve_backend`).
+        fold_decoder_attention: the decoder cross-attention with its K/V projections folded into
+            the queries (same function and parameters; :class:`MultiHeadAttention`).
+        grad_checkpointing: see :meth:`set_grad_checkpointing`.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, image_size: int = 64, max_tokens: int = 20, text_encoder: str = "minilm",
+                 text_finetune: bool = False, text_trainable_layers: int = -1,
+                 backbone: Optional[Mapping[str, Any]] = None, vlf_heads: int = 1, d_model: int = 128,
+                 num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
+                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, calibration: bool = True,
+                 lrm: bool = True, attn_backend: str = "auto", fold_decoder_attention: bool = False,
+                 grad_checkpointing: bool = False):
         super().__init__()
-        m, d = cfg["model"], cfg["data"]
-        D, backend = m["d_model"], m["attn_backend"]
-        self.text_encoder = TextEncoder(m["text_encoder"], m["text_finetune"], m["text_trainable_layers"])
+        D, attn_backend = d_model, resolve_backend(attn_backend)
+        self.text_encoder = TextEncoder(text_encoder, text_finetune, text_trainable_layers)
         C_l = self.text_encoder.dim
-        self.backbone = SwinVLFEncoder(m["backbone"], d["image_size"], C_l, m["vlf_heads"], backend)
-        memory_strides = list(m["memory_strides"])[: m["num_decoder_layers"]]
-        self.pixel_decoder = PixelDecoder(self.backbone.dims, D, memory_strides, m["mask_stride"], self.backbone.strides)
+        self.backbone = SwinVLFEncoder(image_size=image_size, lang_dim=C_l, **(backbone or {}), vlf_heads=vlf_heads,
+                                       attn_backend=attn_backend)
+        self.pixel_decoder = PixelDecoder(in_dims=self.backbone.dims, dim=D,
+                                          memory_strides=list(memory_strides)[:num_decoder_layers],
+                                          mask_stride=mask_stride, strides=self.backbone.strides)
         self.lang_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
-        self.qgm = QueryGenerationModule(D, m["num_queries"], m["num_heads"], backend)
-        self.decoder = CalibrationDecoder(D, m["num_decoder_layers"], m["num_heads"], m["ffn_dim"],
-                                          m["num_queries"], m["calibration"], backend,
-                                          fold_keys=m["fold_decoder_attention"])
-        self.mask_head = MaskHead(D, PixelDecoder.detail_dim if m["mask_stride"] < 4 else 0)
-        self.lrm = (LanguageReconstructionModule(D, C_l, d["max_tokens"], m["num_heads"], backend)
-                    if m["lrm"] else None)
-        self.set_grad_checkpointing(m["grad_checkpointing"])
+        self.qgm = QueryGenerationModule(dim=D, num_queries=num_queries, num_heads=num_heads,
+                                         attn_backend=attn_backend)
+        self.decoder = CalibrationDecoder(dim=D, num_layers=num_decoder_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+                                          num_queries=num_queries, calibration=calibration, attn_backend=attn_backend,
+                                          fold_decoder_attention=fold_decoder_attention)
+        self.mask_head = MaskHead(dim=D, detail_dim=PixelDecoder.detail_dim if mask_stride < 4 else 0)
+        self.lrm = (LanguageReconstructionModule(dim=D, lang_dim=C_l, max_tokens=max_tokens, num_heads=num_heads,
+                                                 attn_backend=attn_backend) if lrm else None)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @classmethod
+    def from_config(cls, cfg: dict, device: Union[torch.device, str, None] = None) -> "CRFormer":
+        """Build from a full config dict (see :mod:`crformer.config`): the one place that reads it.
+        ``device``: where the model will run, for ``model.attn_backend: auto`` (triton on CUDA,
+        reference on CPU; None: CUDA when available). The model is built on CPU either way."""
+        m, d = cfg["model"], cfg["data"]
+        return cls(**{**m, "attn_backend": resolve_backend(m["attn_backend"], device)},
+                   image_size=d["image_size"], max_tokens=d["max_tokens"])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward instead of keeping them: every Swin stage (timm's own
@@ -72,6 +111,6 @@ class CRFormer(nn.Module):
         return result
 
 
-def build_model(cfg: dict) -> CRFormer:
-    """Build CRFormer from a full config dict (see :mod:`crformer.config`)."""
-    return CRFormer(cfg)
+def build_model(cfg: dict, device: Union[torch.device, str, None] = None) -> CRFormer:
+    """Alias of :meth:`CRFormer.from_config`."""
+    return CRFormer.from_config(cfg, device)

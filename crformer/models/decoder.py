@@ -1,24 +1,25 @@
 """Calibration Decoder: Mask2Former-style layers that re-inject the original language after
-every layer (DESIGN §2). Each sublayer is a small post-norm residual class."""
+every layer (docs/DESIGN.md §2). Each sublayer is a small post-norm residual class."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
 from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention, ignore_removed_state
+from crformer.ops import resolve_backend
 
 
 class CrossAttentionLayer(nn.Module):
-    """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``).
-    ``fold_keys``: projections folded into the queries (:class:`MultiHeadAttention`)."""
+    """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``) →
+    B×M×D. ``fold_decoder_attention``: projections folded into the queries (:class:`MultiHeadAttention`)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto", fold_keys: bool = False):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto", fold_decoder_attention: bool = False):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend, fold_keys=fold_keys)
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend,
+                                       fold_decoder_attention=fold_decoder_attention)
         self.norm = LayerNorm(dim)
 
     def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
@@ -29,9 +30,9 @@ class CrossAttentionLayer(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Self-attention among the queries, B×M×D → B×M×D."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend)
         self.norm = LayerNorm(dim)
 
     def forward(self, q, query_pos=None):
@@ -40,6 +41,8 @@ class SelfAttentionLayer(nn.Module):
 
 
 class FFNLayer(nn.Module):
+    """Post-norm residual FFN, B×M×D → B×M×D."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.ffn = FFN(dim, hidden)
@@ -51,11 +54,11 @@ class FFNLayer(nn.Module):
 
 class CalibrationLayer(nn.Module):
     """Re-injects the ORIGINAL language: the layer output attends over the word features
-    (B×L×D, key padding mask) and is fused back by residual + norm."""
+    (B×L×D, key padding mask B×L) and is fused back by residual + norm: B×M×D → B×M×D."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend)
         self.ffn = FFNLayer(dim, 2 * dim)
         self.norm = LayerNorm(dim)
 
@@ -64,15 +67,19 @@ class CalibrationLayer(nn.Module):
 
 
 class CalibrationDecoderLayer(nn.Module):
-    """cross-attention (queries → pixels) → self-attention → FFN → calibration (optional)."""
+    """cross-attention (queries → pixels) → self-attention → FFN → calibration (optional).
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, backend: str = "auto",
-                 fold_keys: bool = False):
+    ``forward(q B×M×D, memory B×N×D, memory_pos N×D, words B×L×D, mask B×L, query_pos M×D)`` → B×M×D.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, attn_backend: str = "auto",
+                 fold_decoder_attention: bool = False):
         super().__init__()
-        self.cross = CrossAttentionLayer(dim, num_heads, backend, fold_keys)
-        self.self_attn = SelfAttentionLayer(dim, num_heads, backend)
+        self.cross = CrossAttentionLayer(dim, num_heads, attn_backend=attn_backend,
+                                         fold_decoder_attention=fold_decoder_attention)
+        self.self_attn = SelfAttentionLayer(dim, num_heads, attn_backend=attn_backend)
         self.ffn = FFNLayer(dim, ffn_dim)
-        self.calibration = CalibrationLayer(dim, num_heads, backend) if calibration else None
+        self.calibration = CalibrationLayer(dim, num_heads, attn_backend=attn_backend) if calibration else None
 
     def forward(self, q, memory, memory_pos, words, mask, query_pos=None):
         q = self.cross(q, memory, query_pos=query_pos, key_pos=memory_pos)
@@ -96,15 +103,27 @@ class CalibrationDecoder(nn.Module):
 
     ``grad_checkpointing = True`` keeps only each layer's input in training and recomputes the
     layer in backward (same gradients, less activation memory).
+
+    Args:
+        dim: D, the query and memory width.  num_layers: N_d.  num_heads: attention heads.
+        ffn_dim: hidden width of each layer's FFN.  num_queries: N_q (the learned query positions).
+        calibration: re-inject the language after every layer (False: a plain decoder, ablation).
+        attn_backend: see :class:`MultiHeadAttention` (decided once, here).
+        fold_decoder_attention: fold the cross-attention's K/V projections into the queries (same
+            function, one :func:`crformer.ops.memory_attention` call per layer).
     """
 
     grad_checkpointing: bool = False
 
-    def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, num_queries: int,
-                 calibration: bool = True, backend: str = "auto", fold_keys: bool = False):
+    def __init__(self, *, dim: int = 128, num_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
+                 num_queries: int = 16, calibration: bool = True, attn_backend: str = "auto",
+                 fold_decoder_attention: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration, backend, fold_keys)
-                                    for _ in range(num_layers))
+        attn_backend = resolve_backend(attn_backend)
+        self.layers = nn.ModuleList(
+            CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration=calibration, attn_backend=attn_backend,
+                                    fold_decoder_attention=fold_decoder_attention)
+            for _ in range(num_layers))
         self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
         nn.init.normal_(self.query_pos, std=0.02)
         ignore_removed_state(self, "level_embed")

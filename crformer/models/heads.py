@@ -32,9 +32,14 @@ class MaskHead(nn.Module):
     The confidence MLP's last layer has no bias: one constant added to every query's confidence,
     which the softmax over queries cancels (older checkpoints' ``confidence.2.bias`` is dropped on
     load).
+
+    Args:
+        dim: D, the query and pixel-embedding width.
+        detail_dim: C_d of the detail features (0: no refinement; ``PixelDecoder.detail_dim`` when
+            the pixel decoder has ``mask_stride`` < 4).
     """
 
-    def __init__(self, dim: int, detail_dim: int = 0):
+    def __init__(self, *, dim: int = 128, detail_dim: int = 0):
         super().__init__()
         self.mask_embed = _mlp(dim, dim, dim, 3)
         self.confidence = _mlp(2 * dim, dim, 1, 2, last_bias=False)
@@ -60,12 +65,18 @@ class MaskHead(nn.Module):
 
 class LanguageReconstructionModule(nn.Module):
     """L learnable token slots attend to the final queries (attention + FFN) and are projected
-    back to the text encoder's width: ``forward(q B×N_q×D)`` → F̂_l B×L×C_l. Training only."""
+    back to the text encoder's width: ``forward(q B×N_q×D)`` → F̂_l B×L×C_l. Training only.
 
-    def __init__(self, dim: int, lang_dim: int, max_tokens: int, num_heads: int, backend: str = "auto"):
+    Args:
+        dim: D, the query width.  lang_dim: C_l, the text encoder's width.  max_tokens: L.
+        num_heads: attention heads.  attn_backend: see :class:`~crformer.models.layers.MultiHeadAttention`.
+    """
+
+    def __init__(self, *, dim: int = 128, lang_dim: int = 384, max_tokens: int = 20, num_heads: int = 4,
+                 attn_backend: str = "auto"):
         super().__init__()
         self.slots = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
-        self.attn = CrossAttentionLayer(dim, num_heads, backend)
+        self.attn = CrossAttentionLayer(dim, num_heads, attn_backend=attn_backend)
         self.ffn = FFNLayer(dim, 2 * dim)
         self.out = nn.Linear(dim, lang_dim)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crformer.ops import cross_attention, memory_attention
+from crformer.ops import cross_attention, memory_attention, resolve_backend
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -68,17 +68,22 @@ def _drop_state(names: tuple, _module: nn.Module, state_dict: dict, prefix: str,
 class MultiHeadAttention(nn.Module):
     """Multi-head attention whose core is :func:`crformer.ops.cross_attention`.
 
-    Queries B×M×d_q attend to keys B×N×d_kv plus ``key_pos`` (N×d_kv or B×N×d_kv, keys only);
-    values default to the keys without ``key_pos``; output B×M×d_out. ``key_padding_mask`` is B×N
-    bool with True = valid key. Every attention site of the model goes through this class, so the
-    backend switch reaches all of them.
+    ``forward(query B×M×d_q, key B×N×d_kv, value=None, key_padding_mask=None, key_pos=None)`` →
+    B×M×d_out: keys get ``key_pos`` (N×d_kv or B×N×d_kv, keys only); values default to the keys
+    without ``key_pos``; ``key_padding_mask`` is B×N bool with True = valid key. Every attention
+    site of the model goes through this class, so the backend choice reaches all of them.
+
+    ``attn_backend`` is decided here, once: a name in :data:`crformer.ops.BACKENDS`, or ``"auto"``,
+    which :func:`crformer.ops.resolve_backend` turns into one (``$CRFORMER_ATTN_BACKEND``, else
+    triton when CUDA is available, else reference); the module keeps the name (``self.attn_backend``).
 
     The key projection has no bias: it would add a per-query constant to every score, which softmax
     cancels, so it could never learn (its gradient is 0). Checkpoints from before still load: their
     ``k_proj.bias`` entries are dropped (:func:`ignore_removed_state`).
 
-    ``fold_keys=True`` computes the same function with the key and value projections folded into
-    the queries (DESIGN §3), for few queries over a long memory: head h's scores are
+    ``fold_decoder_attention=True`` (set by the model key of that name for the decoder's
+    cross-attention) computes the same function with the key and value projections folded into
+    the queries (docs/DESIGN.md §3), for few queries over a long memory: head h's scores are
     (W_qh q + b_qh)·(W_kh k) = [W_khᵀ(W_qh q + b_qh)]·k, and its output is W_vh (Σ a·v) + b_vh because
     attention rows sum to 1 (0 for a fully masked row). So all heads become one d_kv-wide
     :func:`crformer.ops.memory_attention` over the raw memory (keys = memory + key_pos, values =
@@ -87,13 +92,13 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_q: int, d_kv: int, d_attn: int, num_heads: int, d_out: Optional[int] = None,
-                 backend: str = "auto", fold_keys: bool = False):
+                 attn_backend: str = "auto", fold_decoder_attention: bool = False):
         super().__init__()
         if d_attn % num_heads:
             raise ValueError(f"attention width {d_attn} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.backend = backend
-        self.fold_keys = fold_keys
+        self.attn_backend = resolve_backend(attn_backend)
+        self.fold_decoder_attention = fold_decoder_attention
         self.q_proj = nn.Linear(d_q, d_attn)
         self.k_proj = nn.Linear(d_kv, d_attn, bias=False)
         self.v_proj = nn.Linear(d_kv, d_attn)
@@ -106,19 +111,20 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None, key_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.fold_keys:
+        if self.fold_decoder_attention:
             if value is not None:
-                raise ValueError("fold_keys attention takes its values from `key` (the memory); got a separate value")
+                raise ValueError("folded attention (fold_decoder_attention) takes its values from `key` (the memory); "
+                                 "got a separate value")
             return self.out_proj(self._folded_heads(query, key, key_pos, key_padding_mask))
         value = key if value is None else value
         key = key if key_pos is None else key + key_pos
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        out = cross_attention(q, k, v, key_padding_mask, backend=self.backend)
+        out = cross_attention(q, k, v, key_padding_mask, backend=self.attn_backend)
         B, H, M, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, M, H * d))
 
     def _folded_heads(self, query, memory, pos, key_padding_mask) -> torch.Tensor:
-        """The concatenated head outputs B×M×d_attn, computed with ``fold_keys`` (see class doc)."""
+        """The concatenated head outputs B×M×d_attn, computed folded (see class doc)."""
         B, M, _ = query.shape
         H, d_kv = self.num_heads, memory.shape[-1]
         dh = self.q_proj.out_features // H
@@ -128,7 +134,7 @@ class MultiHeadAttention(nn.Module):
         # Under autocast the projections would have cast the memory to q's dtype; the op needs one dtype.
         memory, pos = memory.to(q.dtype), None if pos is None else pos.to(q.dtype)
         ctx = memory_attention(folded, memory, pos, key_padding_mask, scale=dh ** -0.5,
-                               backend=self.backend).view(B, M, H, d_kv)
+                               backend=self.attn_backend).view(B, M, H, d_kv)
         w_v = self.v_proj.weight.view(H, dh, d_kv).to(ctx.dtype)
         out = torch.einsum("bmhc,hdc->bmhd", ctx, w_v)
         bias = self.v_proj.bias.view(H, dh).to(out.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,12 +39,20 @@ class PixelDecoder(nn.Module):
     s = 2 or 1 adds a light two-conv stem over the image at that stride (``detail_dim`` channels)
     that the mask head uses to refine the upsampled mask's outline: at small inputs (64² on a CPU,
     objects ~10 px wide) a stride-4 mask cannot trace a star. The detail features never enter the
-    query-pixel product, so which object is chosen stays the language-driven decoder's decision."""
+    query-pixel product, so which object is chosen stays the language-driven decoder's decision.
+
+    Args:
+        in_dims: channels C_i of the four maps (default: the default Swin's, embed_dim 48).
+        dim: D, the width of the memories and the pixel embedding.
+        memory_strides: strides of the decoder memories, coarse first.  mask_stride: 4, 2 or 1.
+        strides: the maps' strides (the backbone's).
+    """
 
     detail_dim = 32
 
-    def __init__(self, in_dims: list, dim: int, memory_strides=(32, 16, 8), mask_stride: int = 4,
-                 strides=(4, 8, 16, 32)):
+    def __init__(self, *, in_dims: Sequence[int] = (48, 96, 192, 384), dim: int = 128,
+                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 4,
+                 strides: Sequence[int] = (4, 8, 16, 32)):
         super().__init__()
         if mask_stride not in (1, 2, 4):
             raise UserError(f"model.mask_stride must be 1, 2 or 4, got {mask_stride!r}")

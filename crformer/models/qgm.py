@@ -17,13 +17,17 @@ class QueryGenerationModule(nn.Module):
 
     The spatial maps' 1×1 convolution has no bias: one constant per map, softmax over the map's
     positions cancels it (older checkpoints' ``spatial.bias`` is dropped on load).
+
+    Args:
+        dim: D, the width of the map, the words and the queries.  num_queries: N_q.
+        num_heads: heads of the word attention.  attn_backend: see :class:`MultiHeadAttention`.
     """
 
-    def __init__(self, dim: int, num_queries: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, *, dim: int = 128, num_queries: int = 16, num_heads: int = 4, attn_backend: str = "auto"):
         super().__init__()
         self.context = nn.Linear(dim, dim)
         self.spatial = nn.Conv2d(dim, num_queries, 1, bias=False)
-        self.word_attn = MultiHeadAttention(dim, dim, dim, num_heads, backend=backend)
+        self.word_attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend)
         self.norm = LayerNorm(dim)
         ignore_removed_state(self, "spatial.bias")
 

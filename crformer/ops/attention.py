@@ -6,24 +6,30 @@
 - Returns B×H×M×d in q's dtype. Rows whose keys are all masked give 0 (and zero gradients), never NaN.
 
 ``memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, backend=None)`` is the
-same function in the decoder's folded form (DESIGN §3): one head, keys = memory + pos, values =
+same function in the decoder's folded form (docs/DESIGN.md §3): one head, keys = memory + pos, values =
 memory. The ``triton`` backend runs a kernel that reads the memory once for both; the others
 materialise the keys and call :func:`cross_attention`.
 
-Backends: ``reference`` (explicit matmul/softmax, the oracle), ``sdpa`` (torch native), ``triton``
-(fused kernels in ``crformer.kernels``), ``xformers`` (optional peer). Resolution order: the ``backend``
-argument, then the process default set by :func:`set_default_backend` (the model's
-``model.attn_backend``), then the env var ``CRFORMER_ATTN_BACKEND``, then ``triton`` on CUDA /
-``reference`` on CPU. (On CPU, torch's SDPA picks its flash kernel once a key mask is given, and its
-backward is slow at our shapes: a whole default training step took 0.49 s with ``sdpa`` and 0.42 s
-with ``reference``, 2-core CPU, 2026-11-26.)
+Backends live in one registry, :data:`BACKENDS` (name → :class:`AttentionBackend`): ``reference``
+(explicit matmul/softmax, the oracle), ``sdpa`` (torch native), ``triton`` (fused kernels in
+``crformer.kernels``), ``xformers`` (optional peer). The config (``model.attn_backend``), the env var
+``CRFORMER_ATTN_BACKEND`` and the tests all read it, so a backend registered there is selectable and
+tested (tests/kernels/test_backends.py runs every registered backend against the float64 oracle).
+
+The model decides once, when a module is built: :func:`resolve_backend` turns ``"auto"`` into a
+name (the env var if set, else ``triton`` on CUDA / ``reference`` on CPU) and each attention module
+keeps that name. A direct call with ``backend=None`` resolves the same way for its tensors' device.
+(On CPU, torch's SDPA picks its flash kernel once a key mask is given, and its backward is slow at
+our shapes: a whole default training step took 0.49 s with ``sdpa`` and 0.42 s with ``reference``,
+2-core CPU, 2026-11-26.)
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +38,43 @@ from crformer.errors import UserError
 # The input contract lives with the kernels (torch-only module, no triton import): ops -> kernels.
 from crformer.kernels.inputs import check_attention_inputs, check_memory_attention_inputs, memory_as_cross_attention
 
-BACKENDS = ("reference", "sdpa", "triton", "xformers")
-_default_backend: Optional[str] = None
+ENV_VAR = "CRFORMER_ATTN_BACKEND"
 
 
-def set_default_backend(name: Optional[str]) -> None:
-    """Set the process-wide backend (``None`` or ``"auto"`` restores env/device resolution)."""
-    global _default_backend
-    if name in (None, "auto"):
-        _default_backend = None
-        return
-    _check_name(name)
-    _default_backend = name
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One implementation of :func:`cross_attention`, as registered in :data:`BACKENDS`.
 
+    ``cross_attention(q, k, v, key_padding_mask, scale)`` keeps the contract of
+    :func:`cross_attention`; ``memory_attention(q, memory, pos, key_padding_mask, scale)`` is a
+    fused form of :func:`memory_attention`, or None (keys materialised, then ``cross_attention``).
+    ``devices``: the device types it runs on natively; ``interpreted_on_cpu``: it also runs on CPU
+    tensors under ``TRITON_INTERPRET=1`` (slow: for tests). ``requires``: a module it imports, with
+    ``hint`` saying how to install it.
+    """
 
-def _check_name(name: str) -> None:
-    if name not in BACKENDS:
-        raise UserError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    name: str
+    cross_attention: Callable
+    memory_attention: Optional[Callable] = None
+    devices: tuple = ("cpu", "cuda")
+    interpreted_on_cpu: bool = False
+    requires: Optional[str] = None
+    hint: str = ""
 
-
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Return the backend name that a call with ``backend`` on ``device`` uses."""
-    for name in (backend, _default_backend, os.environ.get("CRFORMER_ATTN_BACKEND")):
-        if name not in (None, "", "auto"):
-            _check_name(name)
-            return name
-    return "triton" if device.type == "cuda" else "reference"
+    def unavailable(self, device: Union[torch.device, str]) -> Optional[str]:
+        """Why this backend cannot run on tensors on ``device`` in this process, or None if it can.
+        (The device is checked first: on CPU without the interpreter, triton is not imported.)"""
+        kind = torch.device(device).type
+        interpreted = self.interpreted_on_cpu and kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if kind not in self.devices and not interpreted:
+            also = " (or CPU tensors under TRITON_INTERPRET=1)" if self.interpreted_on_cpu else ""
+            return f"runs on {'/'.join(self.devices)} tensors{also}; got tensors on {device}"
+        if self.requires is not None:
+            try:
+                importlib.import_module(self.requires)
+            except ImportError as e:
+                return f"cannot import {self.requires} ({e}){'; ' + self.hint if self.hint else ''}"
+        return None
 
 
 def reference_memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None):
@@ -93,28 +110,21 @@ def sdpa_cross_attention(q, k, v, key_padding_mask=None, scale=None):
     return out * any_keep[:, None, None, None].to(out.dtype)
 
 
-def _triton_kernel(module: str, fn: str, device: torch.device) -> Callable:
-    """``crformer.kernels.<module>.<fn>``, or a UserError saying why backend 'triton' cannot run."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-                        f"got tensors on {device}")
-    try:
-        return getattr(importlib.import_module(f"crformer.kernels.{module}"), fn)
-    except ImportError as e:  # kernels not built in this install
-        raise UserError(f"attention backend 'triton' is unavailable: {e}") from e
-
-
 def _triton(q, k, v, key_padding_mask=None, scale=None):
-    return _triton_kernel("cross_attention", "triton_cross_attention", q.device)(q, k, v, key_padding_mask, scale)
+    from crformer.kernels.cross_attention import triton_cross_attention
+
+    return triton_cross_attention(q, k, v, key_padding_mask, scale)
+
+
+def _triton_memory(q, memory, pos=None, key_padding_mask=None, scale=None):
+    from crformer.kernels.memory_attention import triton_memory_attention
+
+    return triton_memory_attention(q, memory, pos, key_padding_mask, scale)
 
 
 def _xformers(q, k, v, key_padding_mask=None, scale=None):
-    try:
-        import xformers.ops as xops
-    except ImportError as e:
-        raise UserError("attention backend 'xformers' needs the xformers package (pip install .[benchmarks])") from e
-    if q.device.type != "cuda":
-        raise UserError("attention backend 'xformers' has no CPU path; use 'sdpa' or 'reference'")
+    import xformers.ops as xops
+
     bias = None
     if key_padding_mask is not None:
         B, H, M, _ = q.shape
@@ -133,12 +143,39 @@ def _xformers(q, k, v, key_padding_mask=None, scale=None):
     return out
 
 
-_IMPLS: dict[str, Callable] = {
-    "reference": reference_cross_attention,
-    "sdpa": sdpa_cross_attention,
-    "triton": _triton,
-    "xformers": _xformers,
-}
+#: The backend registry: every name the config, the env var, ``backend=`` and the tests accept.
+BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
+    AttentionBackend("reference", reference_cross_attention),
+    AttentionBackend("sdpa", sdpa_cross_attention),
+    AttentionBackend("triton", _triton, _triton_memory, devices=("cuda",), interpreted_on_cpu=True,
+                     requires="crformer.kernels.cross_attention", hint="install triton (CUDA builds of torch ship it)"),
+    AttentionBackend("xformers", _xformers, devices=("cuda",), requires="xformers.ops",
+                     hint="pip install .[benchmarks]"),
+)}
+
+
+def resolve_backend(name: Optional[str] = None, device: Union[torch.device, str, None] = None) -> str:
+    """The registered backend name that ``name`` means for tensors on ``device``: ``name`` itself
+    unless it is None/``"auto"``; then ``$CRFORMER_ATTN_BACKEND`` unless unset/``"auto"``; then
+    ``triton`` on CUDA, ``reference`` otherwise. ``device`` None: CUDA when available (a model is
+    built on CPU and moved). An unknown name is a UserError listing the registry."""
+    for candidate, source in ((name, "attention backend"), (os.environ.get(ENV_VAR), ENV_VAR)):
+        if candidate not in (None, "", "auto"):
+            if candidate not in BACKENDS:
+                raise UserError(f"unknown {source} {candidate!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+            return candidate
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "triton" if torch.device(device).type == "cuda" else "reference"
+
+
+def _backend(name: Optional[str], device: torch.device) -> AttentionBackend:
+    """The registry entry for ``name`` (resolved for ``device``), or a UserError saying why it cannot run."""
+    backend = BACKENDS[resolve_backend(name, device)]
+    why = backend.unavailable(device)
+    if why is not None:
+        raise UserError(f"attention backend {backend.name!r} {why}")
+    return backend
 
 
 def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
@@ -148,12 +185,12 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
         q: B×H×M×d queries.  k, v: B×H×N×d keys and values.
         key_padding_mask: optional B×N bool, True = key is valid.
         scale: softmax scale, default d^-1/2.
-        backend: ``reference`` | ``sdpa`` | ``triton`` | ``xformers`` | ``auto``/None.
+        backend: a name in :data:`BACKENDS`, or ``"auto"``/None (see :func:`resolve_backend`).
     Returns:
         B×H×M×d, q's dtype; 0 for rows with no valid key.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
-    return _IMPLS[resolve_backend(backend, q.device)](q, k, v, key_padding_mask, scale)
+    return _backend(backend, q.device).cross_attention(q, k, v, key_padding_mask, scale)
 
 
 def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, backend=None):
@@ -170,8 +207,7 @@ def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, bac
         B×M×D, q's dtype; 0 for rows with no valid key.
     """
     check_memory_attention_inputs(q, memory, pos, key_padding_mask)
-    name = resolve_backend(backend, q.device)
-    if name == "triton":
-        kernel = _triton_kernel("memory_attention", "triton_memory_attention", q.device)
-        return kernel(q, memory, pos, key_padding_mask, scale)
-    return cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale, name)[:, 0]
+    backend = _backend(backend, q.device)
+    if backend.memory_attention is not None:
+        return backend.memory_attention(q, memory, pos, key_padding_mask, scale)
+    return backend.cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]

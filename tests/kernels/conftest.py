@@ -24,3 +24,17 @@ except ImportError:  # pragma: no cover
 
 if _NO_GPU and os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402  (after the interpreter switch above)
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every launcher-allocated buffer starts as NaN: any element a kernel forgets stays NaN."""
+    if _NO_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        return  # kernels cannot run in this process (see test_rerun_in_subprocess)
+    from crformer.kernels import common
+
+    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                 device=device))

@@ -1,7 +1,7 @@
 """Ahead-of-time sm_90 (Hopper) compilation of every shipped attention kernel configuration.
 
 No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` produces PTX,
-and the ptxas inside the triton wheel reports registers and spills (DESIGN.md §3). The configs come
+and the ptxas inside the triton wheel reports registers and spills (docs/DESIGN.md §3). The configs come
 from the ``KERNEL_TABLE`` of each kernel module (the tables the launchers use), so a new config
 cannot ship untested.
 

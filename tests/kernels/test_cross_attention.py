@@ -11,25 +11,14 @@ add bf16. Shapes stay small (<= ~300 rows) because the interpreter is slow.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zlib
 
 import pytest
 import torch
 
-NO_GPU = not torch.cuda.is_available()
-# conftest.py could not enable the interpreter (triton was imported first): rerun in a subprocess.
-RUN_IN_SUBPROCESS = NO_GPU and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICE = "cpu" if NO_GPU else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if NO_GPU else [torch.bfloat16])
-
-inproc = pytest.mark.skipif(RUN_IN_SUBPROCESS, reason="triton was imported before TRITON_INTERPRET could "
-                                                      "be set; see test_rerun_in_subprocess")
+from tests.kernels.helpers import (DEVICE, DTYPES, NO_GPU, RUN_IN_SUBPROCESS, assert_parity, inproc, random_key_mask,
+                                   rerun_interpreted, seed_of, set_sms, torch_attention)
 
 if not RUN_IN_SUBPROCESS:
-    from crformer.kernels import common
     from crformer.kernels import cross_attention as ca
     from crformer.kernels.cross_attention import SHORT_MAX_N, triton_cross_attention
 from crformer.ops.attention import reference_cross_attention
@@ -69,10 +58,6 @@ def _case_id(c):
     return f"B{B}H{H}M{M}N{N}d{D}-{mk}-sm{sms}"
 
 
-def _seed(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
 def make_inputs(B, H, M, N, D, dtype, mask_kind, seed):
     """Fresh random q/k/v/dO (B×H×M×d, B×H×N×d) and a B×N bool mask of the given kind."""
     g = torch.Generator().manual_seed(seed)
@@ -80,35 +65,10 @@ def make_inputs(B, H, M, N, D, dtype, mask_kind, seed):
     k = torch.randn(B, H, N, D, generator=g)
     v = torch.randn(B, H, N, D, generator=g)
     do = torch.randn(B, H, M, D, generator=g)
-    if mask_kind is None:
-        mask = None
-    elif mask_kind == "prefix":
-        lens = torch.randint(1, N + 1, (B,), generator=g)
-        mask = torch.arange(N)[None, :] < lens[:, None]
-    else:  # arbitrary (non-prefix) pattern; "holes" also masks batch 0 entirely
-        mask = torch.rand(B, N, generator=g) < 0.6
-        mask[:, torch.randint(0, N, (1,), generator=g)] = True
-        if mask_kind == "holes":
-            mask[0] = False
+    mask = random_key_mask(B, N, mask_kind, g)
     to = lambda t: t.to(device=DEVICE, dtype=dtype)  # noqa: E731
     mask = None if mask is None else mask.to(DEVICE)
     return to(q), to(k), to(v), mask, to(do)
-
-
-def torch_attention(q, k, v, mask, scale):
-    """The plain PyTorch path in the inputs' dtype: matmuls in that dtype, softmax in fp32, P
-    rounded to the dtype (for fp32 this is the reference itself)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        keep = mask[:, None, None, :]
-        s = s.masked_fill(~keep, float("-inf"))
-        any_keep = keep.any(-1, keepdim=True)
-        s = torch.where(any_keep, s, torch.zeros((), device=s.device))
-        p = torch.softmax(s, -1) * any_keep
-    else:
-        p = torch.softmax(s, -1)
-    return torch.matmul(p.to(q.dtype), v)
 
 
 def _fwd_bwd(fn, q, k, v, mask, do, scale):
@@ -118,39 +78,13 @@ def _fwd_bwd(fn, q, k, v, mask, do, scale):
     return out.detach(), dq, dk, dv
 
 
-def _tol(dtype):
-    return {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}[dtype]
-
-
-def assert_parity(name, got, ref64, base, dtype):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten NaN-filled elements?)"
-    err = (got.double() - ref64).abs().max().item()
-    base_err = (base.double() - ref64).abs().max().item()
-    atol = _tol(dtype) * max(1.0, ref64.abs().max().item())
-    assert err <= 2 * base_err + atol, f"{name}: kernel err {err:.3e} > 2 × torch err {base_err:.3e} + {atol:.1e}"
-
-
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch):
-    """Every launcher-allocated buffer starts as NaN: any element a kernel forgets stays NaN."""
-    if RUN_IN_SUBPROCESS:
-        return
-    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                 device=device))
-
-
-def _set_sms(monkeypatch, sms):
-    if NO_GPU:  # on a GPU keep the real SM count
-        monkeypatch.setattr(common, "num_sms", lambda device: sms)
-
-
 @inproc
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_parity(case, dtype, monkeypatch):
     B, H, M, N, D, mask_kind, sms = case
-    _set_sms(monkeypatch, sms)
-    q, k, v, mask, do = make_inputs(B, H, M, N, D, dtype, mask_kind, _seed(case, str(dtype)))
+    set_sms(monkeypatch, sms)
+    q, k, v, mask, do = make_inputs(B, H, M, N, D, dtype, mask_kind, seed_of(case, str(dtype)))
     scale = None if D != 48 else 0.3  # a non-default scale too
     got = _fwd_bwd(triton_cross_attention, q, k, v, mask, do, scale)
     ref = _fwd_bwd(reference_cross_attention, q.double(), k.double(), v.double(), mask, do.double(), scale)
@@ -181,8 +115,8 @@ def test_both_regimes_and_partials_are_covered():
 def test_deterministic(shape, monkeypatch):
     """Same inputs twice -> bit-identical output and gradients (partials summed in fixed order)."""
     B, H, M, N, D, sms = shape
-    _set_sms(monkeypatch, sms)
-    q, k, v, mask, do = make_inputs(B, H, M, N, D, torch.float16, "random", _seed("det", shape))
+    set_sms(monkeypatch, sms)
+    q, k, v, mask, do = make_inputs(B, H, M, N, D, torch.float16, "random", seed_of("det", shape))
     a = _fwd_bwd(triton_cross_attention, q, k, v, mask, do, None)
     b = _fwd_bwd(triton_cross_attention, q, k, v, mask, do, None)
     for x, y in zip(a, b):
@@ -194,10 +128,10 @@ def test_deterministic(shape, monkeypatch):
 def test_non_contiguous(N, monkeypatch):
     """Strided q/k/v/mask/dO (head-interleaved q, every other element of k/v's head dim, strided
     mask) give the same result as contiguous copies."""
-    _set_sms(monkeypatch, 4)
+    set_sms(monkeypatch, 4)
     B, H, M, D = 2, 2, 40, 32
     dtype = torch.float16
-    g = torch.Generator().manual_seed(_seed("strided", N))
+    g = torch.Generator().manual_seed(seed_of("strided", N))
     q = torch.randn(B, M, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2)  # B×H×M×d view
     k = torch.randn(B, H, N, 2 * D, generator=g).to(DEVICE, dtype)[..., ::2]    # d stride 2
     v = torch.randn(B, N, H, D, generator=g).to(DEVICE, dtype).permute(0, 2, 1, 3)
@@ -243,8 +177,8 @@ def test_nan_prefill_catches_unwritten_outputs(monkeypatch):
 def test_torch_compile_fullgraph(N, monkeypatch):
     """The custom ops trace under torch.compile(fullgraph=True) (fake impls + registered autograd)
     and give the eager results. aot_eager: inductor cannot compile interpreted kernels."""
-    _set_sms(monkeypatch, 4)
-    q, k, v, mask, do = make_inputs(2, 2, 24, N, 32, torch.float32, "holes", _seed("compile", N))
+    set_sms(monkeypatch, 4)
+    q, k, v, mask, do = make_inputs(2, 2, 24, N, 32, torch.float32, "holes", seed_of("compile", N))
 
     def f(q, k, v, mask):
         return (triton_cross_attention(q, k, v, mask) * 2.0).sum()
@@ -266,7 +200,7 @@ def test_torch_compile_fullgraph(N, monkeypatch):
 @pytest.mark.parametrize("N", [12, 90], ids=["short", "long"])
 def test_opcheck(N):
     """torch.library.opcheck: schema, fake tensor and autograd registration of the custom op."""
-    q, k, v, mask, _ = make_inputs(1, 2, 8, N, 16, torch.float32, "random", _seed("opcheck", N))
+    q, k, v, mask, _ = make_inputs(1, 2, 8, N, 16, torch.float32, "random", seed_of("opcheck", N))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.crformer.triton_cross_attention_fwd.default, (q, k, v, mask, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -286,17 +220,6 @@ def test_rejects_bad_inputs():
         triton_cross_attention(q[0], k[0], k[0])  # not 4-D
     with pytest.raises(ValueError):
         triton_cross_attention(q.double(), k.double(), k.double())
-
-
-def rerun_interpreted(path: str) -> None:
-    """Run the kernel test file ``path`` in a fresh interpreter-mode process when triton was imported
-    (without the interpreter) before conftest.py ran; skip when the kernels run in this process."""
-    if not RUN_IN_SUBPROCESS:
-        pytest.skip("kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-                       capture_output=True, text=True, env=env, timeout=1800)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
 
 def test_rerun_in_subprocess():

@@ -1,7 +1,7 @@
 """Parity tests for the fused Triton memory attention (crformer.kernels.memory_attention): the
 decoder's folded cross-attention, keys = memory + pos, values = memory.
 
-Same conventions as test_cross_attention.py (whose helpers this file uses): float64 oracle, error
+Same conventions as test_cross_attention.py (helpers in tests/kernels/helpers.py): float64 oracle, error
 at most 2× the plain PyTorch path's in the same dtype plus a small atol, fresh inputs per case,
 launcher buffers pre-filled with NaN. The fused kernel covers fp16/bf16 with D <= 256; fp32 and
 wider heads take the generic kernels (checked too, and that fp16 really takes the fused one).
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.test_cross_attention import (DEVICE, DTYPES, RUN_IN_SUBPROCESS, _seed, _set_sms, assert_parity,
-                                                inproc, nan_buffers, rerun_interpreted, torch_attention)  # noqa: F401
+from tests.kernels.helpers import (DEVICE, DTYPES, RUN_IN_SUBPROCESS, assert_parity, inproc, random_key_mask,
+                                   rerun_interpreted, seed_of, set_sms, torch_attention)
 
 if not RUN_IN_SUBPROCESS:
     from crformer.kernels import cross_attention as ca
@@ -47,15 +47,7 @@ def make_inputs(B, M, N, D, pos_kind, dtype, mask_kind, seed):
     q, memory, do = torch.randn(B, M, D, generator=g), torch.randn(B, N, D, generator=g), torch.randn(B, M, D, generator=g)
     pos = {None: None, "shared": (N, D), "batch": (B, N, D)}[pos_kind]
     pos = None if pos is None else torch.randn(*pos, generator=g)
-    if mask_kind is None:
-        mask = None
-    elif mask_kind == "prefix":
-        mask = torch.arange(N)[None, :] < torch.randint(1, N + 1, (B,), generator=g)[:, None]
-    else:
-        mask = torch.rand(B, N, generator=g) < 0.6
-        mask[:, torch.randint(0, N, (1,), generator=g)] = True
-        if mask_kind == "holes":
-            mask[0] = False
+    mask = random_key_mask(B, N, mask_kind, g)
     to = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)  # noqa: E731
     return to(q), to(memory), to(pos), None if mask is None else mask.to(DEVICE), to(do)
 
@@ -78,8 +70,8 @@ def _fwd_bwd(fn, q, memory, pos, mask, do, scale):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_parity(case, dtype, monkeypatch):
     B, M, N, D, pos_kind, mask_kind, sms = case
-    _set_sms(monkeypatch, sms)
-    q, memory, pos, mask, do = make_inputs(B, M, N, D, pos_kind, dtype, mask_kind, _seed("memory", case, str(dtype)))
+    set_sms(monkeypatch, sms)
+    q, memory, pos, mask, do = make_inputs(B, M, N, D, pos_kind, dtype, mask_kind, seed_of("memory", case, str(dtype)))
     scale = 0.3 if D == 48 else None
     got = _fwd_bwd(triton_memory_attention, q, memory, pos, mask, do, scale)
     ref = _fwd_bwd(reference_memory_attention, q.double(), memory.double(), None if pos is None else pos.double(),
@@ -109,7 +101,7 @@ def test_fp16_takes_the_fused_kernel_and_fp32_the_generic_one(monkeypatch):
     generic = ca.triton_cross_attention
     monkeypatch.setattr(ca, "triton_cross_attention", lambda *a: calls.append(a[0].dtype) or generic(*a))
     for dtype, D in ((torch.float16, 64), (torch.float32, 64), (torch.float16, 320)):
-        q, memory, pos, mask, _ = make_inputs(1, 8, 70, D, "shared", dtype, "random", _seed("route", D, str(dtype)))
+        q, memory, pos, mask, _ = make_inputs(1, 8, 70, D, "shared", dtype, "random", seed_of("route", D, str(dtype)))
         got = triton_memory_attention(q, memory, pos, mask)
         ref = reference_memory_attention(q.double(), memory.double(), pos.double(), mask)
         assert_parity(f"out {dtype} D={D}", got, ref, torch_memory_attention(q, memory, pos, mask, None), dtype)
@@ -120,8 +112,8 @@ def test_fp16_takes_the_fused_kernel_and_fp32_the_generic_one(monkeypatch):
 def test_position_gradient_in_the_same_pass(monkeypatch):
     """One dF launch per backward whether or not pos needs a gradient, and the memory's gradient
     does not depend on it (up to the accumulation order of the key path)."""
-    _set_sms(monkeypatch, 4)
-    q, memory, pos, mask, do = make_inputs(2, 16, 100, 32, "shared", torch.float16, "random", _seed("dpos"))
+    set_sms(monkeypatch, 4)
+    q, memory, pos, mask, do = make_inputs(2, 16, 100, 32, "shared", torch.float16, "random", seed_of("dpos"))
     launches = []
     kernel = ma._memory_bwd_dmem_kernel
 
@@ -142,8 +134,8 @@ def test_position_gradient_in_the_same_pass(monkeypatch):
 
 @inproc
 def test_deterministic(monkeypatch):
-    _set_sms(monkeypatch, 8)
-    args = make_inputs(2, 40, 300, 96, "shared", torch.float16, "random", _seed("det-memory"))
+    set_sms(monkeypatch, 8)
+    args = make_inputs(2, 40, 300, 96, "shared", torch.float16, "random", seed_of("det-memory"))
     a = _fwd_bwd(triton_memory_attention, *args, None)
     b = _fwd_bwd(triton_memory_attention, *args, None)
     for x, y in zip(a, b):
@@ -153,10 +145,10 @@ def test_deterministic(monkeypatch):
 @inproc
 def test_non_contiguous(monkeypatch):
     """Strided q / memory / batch-stride-0 pos / mask / dO match contiguous copies."""
-    _set_sms(monkeypatch, 4)
+    set_sms(monkeypatch, 4)
     B, M, N, D = 2, 24, 90, 32
     dtype = torch.float16
-    g = torch.Generator().manual_seed(_seed("strided-memory"))
+    g = torch.Generator().manual_seed(seed_of("strided-memory"))
     q = torch.randn(B, D, M, generator=g).to(DEVICE, dtype).transpose(1, 2)
     memory = torch.randn(N, B, 2 * D, generator=g).to(DEVICE, dtype).transpose(0, 1)[..., ::2]
     pos = torch.randn(N, D, generator=g).to(DEVICE, dtype).expand(B, N, D)
@@ -177,8 +169,8 @@ def test_non_contiguous(monkeypatch):
 @inproc
 def test_torch_compile_fullgraph(monkeypatch):
     """The custom ops trace under torch.compile(fullgraph=True) and give the eager results."""
-    _set_sms(monkeypatch, 4)
-    q, memory, pos, mask, _ = make_inputs(2, 24, 90, 32, "shared", torch.float16, "holes", _seed("compile-memory"))
+    set_sms(monkeypatch, 4)
+    q, memory, pos, mask, _ = make_inputs(2, 24, 90, 32, "shared", torch.float16, "holes", seed_of("compile-memory"))
 
     def f(q, memory, pos, mask):
         return (triton_memory_attention(q, memory, pos, mask).float() * 2.0).sum()
@@ -196,7 +188,7 @@ def test_torch_compile_fullgraph(monkeypatch):
 
 @inproc
 def test_opcheck():
-    q, memory, pos, mask, _ = make_inputs(1, 8, 70, 32, "batch", torch.float16, "random", _seed("opcheck-memory"))
+    q, memory, pos, mask, _ = make_inputs(1, 8, 70, 32, "batch", torch.float16, "random", seed_of("opcheck-memory"))
     q, memory, pos = (t.requires_grad_() for t in (q, memory, pos))
     torch.library.opcheck(torch.ops.crformer.triton_memory_attention_fwd.default, (q, memory, pos, mask, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -227,14 +219,14 @@ def test_rerun_in_subprocess():
 
 @inproc
 def test_folded_decoder_attention_in_fp16_uses_the_fused_kernel(monkeypatch):
-    """MultiHeadAttention(fold_keys=True) in fp16 with backend triton (the fused kernel, position
+    """MultiHeadAttention(fold_decoder_attention=True) in fp16 with backend triton (the fused kernel, position
     gradient included) against the unfolded float64 reference attention, parameters shared."""
     from crformer.models.layers import MultiHeadAttention
 
-    _set_sms(monkeypatch, 4)
+    set_sms(monkeypatch, 4)
     monkeypatch.setattr(ca, "triton_cross_attention", lambda *a: pytest.fail("generic kernel called"))
     B, M, N, D, H = 2, 16, 120, 64, 4
-    g = torch.Generator().manual_seed(_seed("folded-layer"))
+    g = torch.Generator().manual_seed(seed_of("folded-layer"))
     mha = MultiHeadAttention(D, D, D, H)
     for p in mha.parameters():
         p.data = torch.randn(p.shape, generator=g) * D ** -0.5
@@ -243,7 +235,7 @@ def test_folded_decoder_attention_in_fp16_uses_the_fused_kernel(monkeypatch):
     results = {}
     for name, dtype, backend, fold in (("triton", torch.float16, "triton", True),
                                        ("reference", torch.float64, "reference", False)):
-        layer = MultiHeadAttention(D, D, D, H, backend=backend, fold_keys=fold).to(DEVICE, dtype)
+        layer = MultiHeadAttention(D, D, D, H, attn_backend=backend, fold_decoder_attention=fold).to(DEVICE, dtype)
         layer.load_state_dict(mha.state_dict())
         x = [t.to(DEVICE, dtype).requires_grad_() for t in (query, memory, pos)]
         out = layer(x[0], x[1], key_padding_mask=mask.to(DEVICE), key_pos=x[2])

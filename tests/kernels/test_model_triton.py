@@ -10,7 +10,7 @@ from crformer.config import load_config
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
 from crformer.models.text_encoder import SentenceTokenizer
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/kernels/conftest.py)")

@@ -1,0 +1,53 @@
+"""Helpers shared by the test files (fixtures live in conftest.py; nothing is imported from a test file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: ``key=value`` overrides for a tiny model on a tiny synthetic dataset: CLI tests run in seconds.
+TINY_MODEL = [
+    "data.image_size=32", "data.synthetic.size=32", "data.synthetic.train_images=24", "data.synthetic.eval_samples=12",
+    "model.backbone.embed_dim=16", "model.backbone.depths=[1,1,1,1]", "model.backbone.num_heads=[1,1,2,2]",
+    "model.backbone.window_size=2", "model.backbone.drop_path_rate=0.0",
+    "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64", "model.num_queries=4", "model.num_decoder_layers=2",
+    "train.batch_size=8", "train.warmup_iters=2", "train.log_every=1", "eval.batch_size=16",
+]
+
+
+def python_m(module: str, *args: str, timeout: int = 600, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repository root, one thread, output captured."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+def train_losses(out_dir: Path) -> dict:
+    """``{step: total loss}`` from a run's log.jsonl."""
+    records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in records if "total" in r}
+
+
+def skip_unless_backend_runs(name: str, device="cpu", native: bool = False) -> None:
+    """Skip the calling test, with the reason, unless the registered attention backend ``name``
+    (``crformer.ops.BACKENDS``) can run on ``device`` here. ``native``: also skip a backend that would
+    only run interpreted (triton on CPU): for tests too big for the interpreter, or in float64."""
+    import torch
+
+    from crformer.ops import BACKENDS
+
+    backend = BACKENDS[name]
+    kind = torch.device(device).type
+    if native and kind not in backend.devices:
+        pytest.skip(f"attention backend {name!r} has no native {kind} path ({'/'.join(backend.devices)} only)"
+                    + ("; interpreted: tests/kernels/test_backends.py" if backend.interpreted_on_cpu else ""))
+    why = backend.unavailable(device)
+    if why is not None:
+        pytest.skip(f"attention backend {name!r} {why}")
