@@ -57,8 +57,8 @@ DEFAULTS: dict[str, Any] = {
         "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
-        "attn_backend": "auto",        # auto | reference | sdpa | triton | xformers
-        "fold_decoder_attention": False,  # same function, projections folded into the queries (§3)
+        "attn_backend": "auto",        # auto or a name in crformer.ops.BACKENDS (reference, sdpa, triton...)
+        "fold_decoder_attention": False,  # same function, projections folded into the queries (docs/DESIGN.md §3)
         "grad_checkpointing": False,   # recompute Swin stages and decoder layers in backward: less memory
     },
     "loss": {
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "rec_sentence_weight": 0.0,    # optional sentence-level term of L_rec
     },
     "train": {
-        "epochs": 5,
+        "epochs": 7,
         "batch_size": 32,              # global batch = micro-batch × grad_accum × DDP ranks
         "grad_accum": 1,               # micro-batches per optimizer step (same update as the whole batch)
         "compile": "none",             # none | default | max-autotune: torch.compile of model + loss
