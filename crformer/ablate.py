@@ -9,7 +9,11 @@ interrupted study continues where it stopped; ``--report-only`` rebuilds tables 
 run files alone.
 
 The probe (:func:`probe_layers`): for each layer ℓ (0 = the QGM's queries, 1…N_d = the decoder
-layers) the queries are mean-pooled into one D-vector per sample. Linear read-outs are fitted on the
+layers) the queries are mean-pooled into one D-vector per sample, in two states of every decoder
+layer: after its FFN, before the calibration attention over the original words (``pre``), and after
+the calibration (``calibrated``, the layer's output), so the probe separates what the decoder keeps
+from what the calibration re-injects. A plain decoder has one state (its output); it is reported
+once. Linear read-outs are fitted on the
 validation splits and scored on the test splits (never the same sentences): a multinomial logistic
 regression for the colour word, the shape word and the spatial word ("leftmost", "left of", …) of
 the sentence (each with a ``none`` class), and a ridge regression to the frozen text encoder's
@@ -37,26 +41,36 @@ from crformer.engine import autocast_context, evaluate_split
 from crformer.errors import UserError
 from crformer.ops import masked_pool
 
-#: Variant name → config overrides. ``crformer-nq16`` is the full model.
+#: Variant name → config overrides. ``crformer-nq16`` is the full model. ``plain`` (N_q = 1, as in
+#: the earlier studies) changes N_q too; ``plain-nq16`` is the plain decoder alone. ``lrm-pre-calibration``
+#: is the full model with the LRM reading the last layer before its calibration.
 VARIANTS: dict = {
     "crformer-nq16": ["model.num_queries=16"],
     "crformer-nq4": ["model.num_queries=4"],
     "crformer-nq1": ["model.num_queries=1"],
     "no-calibration": ["model.num_queries=16", "model.calibration=false"],
     "no-lrm": ["model.num_queries=16", "model.lrm=false"],
+    "lrm-pre-calibration": ["model.num_queries=16", "model.lrm_input=pre_calibration"],
+    "plain-nq16": ["model.num_queries=16", "model.calibration=false", "model.lrm=false"],
     "plain": ["model.num_queries=1", "model.calibration=false", "model.lrm=false"],
 }
 
 #: The study's setting on top of the default config: the default model (64² images), 2,000 training
-#: scenes instead of 3,000 and 2 epochs instead of 5 (350 steps), so 6 variants × 3 seeds fit in an
-#: hour on 2 CPU cores: two runs at a time, one thread each (small CPU ops scale poorly across
-#: threads, and one thread makes a run's numbers independent of the machine's core count).
+#: scenes instead of 3,000 and 6 epochs (1,044 steps of batch 32, 3× the 348 of the first studies),
+#: two runs at a time, one thread each (small CPU ops scale poorly across threads, and one thread
+#: makes a run's numbers independent of the machine's core count).
 STUDY: list = [
     "data.synthetic.train_images=2000",
-    "train.epochs=2",
+    "train.epochs=6",
     "train.num_threads=1",
     "eval.language_check=false",
 ]
+
+#: The probed states of a decoder layer (``probe[state]``): after calibration (the layer's output) and
+#: after the FFN, before calibration. A plain decoder has only the first.
+PROBE_STATES = ("calibrated", "pre")
+PROBE_STATE_LABELS = {"calibrated": "after calibration (output)", "pre": "after FFN, before calibration",
+                      "plain": "output (no calibration: one state)"}
 
 PROBE_WORDS = {
     "colour": list(COLORS),
@@ -75,20 +89,35 @@ def word_label(sentence: str, words: list) -> int:
     return min(hits)[1] if hits else len(words)
 
 
+def _state_modules(model) -> dict:
+    """``{state: [module whose output is that state, per layer]}`` (layer 0 = the QGM): the calibration
+    sublayer's output is the layer's output, the FFN's the state before calibration."""
+    layers = model.decoder.layers
+    if any(layer.calibration is None for layer in layers):
+        return {"calibrated": [model.qgm] + [layer.ffn for layer in layers]}
+    return {"calibrated": [model.qgm] + [layer.calibration for layer in layers],
+            "pre": [model.qgm] + [layer.ffn for layer in layers]}
+
+
 @torch.no_grad()
 def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
-    """Mean-pooled queries of every layer for all samples of ``splits``.
+    """Mean-pooled queries of every layer, in every probed state, for all samples of ``splits``.
 
-    Returns ``(feats, sentence, labels)``: feats (N_d+1)×n×D (layer 0 = QGM), sentence n×C_l (the
-    text encoder's mean-pooled words), labels {probe: n} word-class indices.
+    Returns ``(feats, sentence, labels)``: feats {state: (N_d+1)×n×D} (layer 0 = QGM; ``pre`` only
+    for a calibrated decoder), sentence n×C_l (the text encoder's mean-pooled words), labels
+    {probe: n} word-class indices.
     """
-    captured: list = []
-    hooks = [model.qgm.register_forward_hook(lambda m, i, o: captured.append(o.float().mean(1)))]
-    hooks += [layer.register_forward_hook(lambda m, i, o: captured.append(o.float().mean(1)))
-              for layer in model.decoder.layers]
+    modules = _state_modules(model)
+    captured: dict = {}
+
+    def grab(key):
+        return lambda m, i, o: captured.__setitem__(key, o.float().mean(1))
+
+    hooks = [mod.register_forward_hook(grab((state, l)))
+             for state, mods in modules.items() for l, mod in enumerate(mods)]
     was_training = model.training
     model.eval()
-    per_layer = [[] for _ in hooks]
+    per_layer = {key: [] for key in ((state, l) for state, mods in modules.items() for l in range(len(mods)))}
     sentences, labels = [], {k: [] for k in PROBE_WORDS}
     try:
         for split in splits:
@@ -99,8 +128,8 @@ def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
                 ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 with autocast_context(device, cfg["train"]["amp"]):
                     model(batch["image"].to(device), ids, am)
-                for store, feat in zip(per_layer, captured):
-                    store.append(feat.cpu())
+                for key, store in per_layer.items():
+                    store.append(captured[key].cpu())
                 lang = model.text_encoder(ids, am.bool()).float()
                 sentences.append(masked_pool(lang, am.bool()).cpu())
                 for i in batch["index"].tolist():
@@ -110,7 +139,8 @@ def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    feats = torch.stack([torch.cat(s) for s in per_layer]).double()
+    feats = {state: torch.stack([torch.cat(per_layer[(state, l)]) for l in range(len(mods))]).double()
+             for state, mods in modules.items()}
     return feats, torch.cat(sentences).double(), {k: torch.tensor(v) for k, v in labels.items()}
 
 
@@ -151,19 +181,28 @@ def ridge_r2(x_fit, t_fit, x_test, t_test, l2: float = 10.0) -> float:
     return float(1 - ((t_test - pred) ** 2).sum() / ((t_test - mu) ** 2).sum())
 
 
+def _probe_scores(f_fit, s_fit, y_fit, f_test, s_test, y_test) -> dict:
+    """``{"colour": [acc per layer], "shape": …, "spatial": …, "sentence_r2": […]}`` for features
+    (N_d+1)×n×D of one state."""
+    out = {name: [linear_probe_accuracy(f_fit[l], y_fit[name], f_test[l], y_test[name], len(words) + 1)
+                  for l in range(len(f_fit))]
+           for name, words in PROBE_WORDS.items()}
+    out["sentence_r2"] = [ridge_r2(f_fit[l], s_fit, f_test[l], s_test) for l in range(len(f_fit))]
+    return out
+
+
 def probe_layers(model, refer, cfg: dict, tokenizer, device) -> dict:
-    """Per-layer probe scores: ``{"colour": [acc per layer], "shape": …, "spatial": …,
-    "sentence_r2": […], "majority": {probe: test accuracy of the majority class}}``."""
+    """Per-layer probe scores of every state: ``{"calibrated": {"colour": [acc per layer], "shape": …,
+    "spatial": …, "sentence_r2": […]}, "pre": {…} (calibrated decoders only), "calibration": bool,
+    "majority": {probe: test accuracy of the majority class}}``."""
     f_fit, s_fit, y_fit = layer_features(model, refer, PROBE_FIT_SPLITS, cfg, tokenizer, device)
     f_test, s_test, y_test = layer_features(model, refer, PROBE_TEST_SPLITS, cfg, tokenizer, device)
-    out: dict = {"majority": {}}
+    out: dict = {state: _probe_scores(f_fit[state], s_fit, y_fit, f_test[state], s_test, y_test) for state in f_fit}
+    out["calibration"] = "pre" in f_fit
+    out["majority"] = {}
     for name, words in PROBE_WORDS.items():
-        k = len(words) + 1
-        out[name] = [linear_probe_accuracy(f_fit[l], y_fit[name], f_test[l], y_test[name], k)
-                     for l in range(len(f_fit))]
-        majority = torch.bincount(y_fit[name], minlength=k).argmax()
+        majority = torch.bincount(y_fit[name], minlength=len(words) + 1).argmax()
         out["majority"][name] = float((y_test[name] == majority).double().mean())
-    out["sentence_r2"] = [ridge_r2(f_fit[l], s_fit, f_test[l], s_test) for l in range(len(f_fit))]
     return out
 
 
@@ -203,8 +242,21 @@ def _mean_std(values: list) -> tuple:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+PROBES = list(PROBE_WORDS) + ["sentence_r2"]
+
+
+def probe_states(run: dict) -> dict:
+    """``{state: {probe: [score per layer]}}`` of a run file; files written before the probe read two
+    states hold the layer outputs (the calibrated state) at the top level."""
+    probe = run["probe"]
+    if "calibrated" not in probe:
+        return {"calibrated": {name: probe[name] for name in PROBES}}
+    return {state: probe[state] for state in PROBE_STATES if state in probe}
+
+
 def aggregate(runs: list) -> dict:
-    """Mean ± std over seeds of every reported number, per variant (in VARIANTS order)."""
+    """Mean ± std over seeds of every reported number, per variant (in VARIANTS order); the probe per
+    state (``row["probe"][state][probe]`` = [(mean, std) per layer])."""
     out: dict = {}
     for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
         rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
@@ -216,9 +268,13 @@ def aggregate(runs: list) -> dict:
                 if len(rs[0]["metrics"][split]["by_kind"]) > 1:
                     row["metrics"][f"{split}/{kind}/mIoU"] = _mean_std(
                         [r["metrics"][split]["by_kind"][kind]["mIoU"] for r in rs])
-        for name in list(PROBE_WORDS) + ["sentence_r2"]:
-            per_seed = np.asarray([r["probe"][name] for r in rs], dtype=float)  # seeds × layers
-            row["probe"][name] = [_mean_std(per_seed[:, l]) for l in range(per_seed.shape[1])]
+        states = [probe_states(r) for r in rs]
+        for state in [s for s in PROBE_STATES if all(s in st for st in states)]:
+            row["probe"][state] = {}
+            for name in PROBES:
+                per_seed = np.asarray([st[state][name] for st in states], dtype=float)  # seeds × layers
+                row["probe"][state][name] = [_mean_std(per_seed[:, l]) for l in range(per_seed.shape[1])]
+        row["calibration"] = "model.calibration=false" not in rs[0]["overrides"]
         row["majority"] = rs[0]["probe"]["majority"]
         row["minutes_per_run"] = float(np.mean([r["seconds"] for r in rs])) / 60
         out[variant] = row
@@ -232,16 +288,24 @@ def _pm(ms: tuple, scale: float = 100.0) -> str:
 def tables_markdown(agg: dict) -> str:
     """The metric table and the per-layer probe table, as markdown."""
     keys = list(next(iter(agg.values()))["metrics"])
-    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines = ["Validation metrics (%, mean ± std over the seeds):", "",
+             "| variant | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for v, row in agg.items():
         lines.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(_pm(row["metrics"][k]) for k in keys) + " |")
-    lines += ["", "Per-layer probe on the test splits (layer 0 = QGM queries; accuracy % / R² × 100):", ""]
-    probes = list(PROBE_WORDS) + ["sentence_r2"]
-    lines.append("| variant | layer | " + " | ".join(probes) + " |")
-    lines.append("|---|---|" + "---|" * len(probes))
+    lines += ["", "Per-layer probe on the test splits (layer 0 = QGM queries; accuracy % / R² × 100, mean ± std "
+              "over the seeds). Two states of each decoder layer: " + "; ".join(
+                  f"`{PROBE_STATE_LABELS[s]}`" for s in PROBE_STATES) + ". A plain decoder has one state, its "
+              f"output (`{PROBE_STATE_LABELS['plain']}`).", ""]
+    lines.append("| variant | layer | state | " + " | ".join(PROBES) + " |")
+    lines.append("|---|---|---|" + "---|" * len(PROBES))
     for v, row in agg.items():
-        for layer in range(len(row["probe"]["colour"])):
-            lines.append(f"| {v} | {layer} | " + " | ".join(_pm(row["probe"][p][layer]) for p in probes) + " |")
+        states = [s for s in PROBE_STATES if s in row["probe"]]
+        for layer in range(len(row["probe"]["calibrated"]["colour"])):
+            for state in states[:1] if layer == 0 else states:
+                label = ("QGM queries" if layer == 0 else
+                         PROBE_STATE_LABELS["plain" if not row["calibration"] else state])
+                lines.append(f"| {v} | {layer} | {label} | " +
+                             " | ".join(_pm(row["probe"][state][p][layer]) for p in PROBES) + " |")
     majority = next(iter(agg.values()))["majority"]
     lines += ["", "Majority-class accuracy of each word probe: " +
               ", ".join(f"{k} {100 * v:.1f}" for k, v in majority.items()) + "."]
@@ -271,21 +335,26 @@ def plot(agg: dict, out: Path) -> None:
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
 
-    probes = list(PROBE_WORDS) + ["sentence_r2"]
-    fig, axes = plt.subplots(1, len(probes), figsize=(4 * len(probes), 3.6))
-    for ax, name in zip(axes, probes):
-        for v in variants:
-            ms = agg[v]["probe"][name]
-            ax.errorbar(range(len(ms)), [100 * m for m, _ in ms], yerr=[100 * s for _, s in ms], marker="o",
-                        capsize=3, label=v)
+    fig, axes = plt.subplots(1, len(PROBES), figsize=(4.4 * len(PROBES), 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes, PROBES):
+        for j, v in enumerate(variants):
+            for state in [s for s in PROBE_STATES if s in agg[v]["probe"]]:
+                ms = agg[v]["probe"][state][name]
+                ax.errorbar(np.arange(len(ms)) + 0.04 * (j - len(variants) / 2), [100 * m for m, _ in ms],
+                            yerr=[100 * s for _, s in ms], marker="o" if state == "calibrated" else "x",
+                            ls="-" if state == "calibrated" else "--", color=colours[j % len(colours)],
+                            capsize=2, label=v if state == "calibrated" else f"{v} (before calibration)")
         if name in agg[variants[0]]["majority"]:
             ax.axhline(100 * agg[variants[0]]["majority"][name], color="grey", ls=":", label="majority class")
         ax.set_title(f"{name} word probe (test acc. %)" if name != "sentence_r2"
-                     else "sentence feature read-out (R² × 100)")
-        ax.set_xlabel("layer (0 = QGM)")
-        ax.set_xticks(range(len(agg[variants[0]]["probe"][name])))
+                     else "sentence feature read-out (R² × 100)", fontsize=9)
+        ax.set_xlabel("layer (0 = QGM); bars: std over seeds")
+        ax.set_xticks(range(len(agg[variants[0]]["probe"]["calibrated"][name])))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("solid: layer output (after calibration; plain decoders: their only state), "
+                 "dashed: after the FFN, before calibration", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "probe.png", dpi=120)
     plt.close(fig)
@@ -363,9 +432,11 @@ def main(argv=None) -> None:
         for variant, seed in todo:
             path = out / "runs" / f"{variant}-s{seed}.json"
             if path.is_file() and not a.force:
-                print(f"{variant} seed {seed}: done already ({path})", flush=True)
-            else:
-                pending.append((variant, seed, a.overrides, a.work_dir, str(path)))
+                if json.loads(path.read_text()).get("overrides") == STUDY + VARIANTS[variant] + list(a.overrides):
+                    print(f"{variant} seed {seed}: done already ({path})", flush=True)
+                    continue
+                print(f"{variant} seed {seed}: {path} was made with another setting; retraining", flush=True)
+            pending.append((variant, seed, a.overrides, a.work_dir, str(path)))
         # Each run in its own process (spawned, so no state leaks between runs), a.jobs at a time.
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:

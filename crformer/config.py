@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
+        "lrm_input": "calibrated",     # LRM reads: calibrated (last layer's output) | pre_calibration (before it)
         "attn_backend": "auto",        # auto or a name in crformer.ops.BACKENDS (reference, sdpa, triton...)
         "fold_decoder_attention": False,  # same function, projections folded into the queries (docs/DESIGN.md §3)
         "grad_checkpointing": False,   # recompute Swin stages and decoder layers in backward: less memory
@@ -231,7 +232,8 @@ RULES: dict[str, tuple] = {
     "model.vlf_heads": _int(1), "model.d_model": _int(1), "model.num_queries": _int(1),
     "model.num_decoder_layers": _int(1), "model.num_heads": _int(1), "model.ffn_dim": _int(1),
     "model.memory_strides": _list_of(_one_of(4, 8, 16, 32)), "model.mask_stride": _one_of(1, 2, 4),
-    "model.calibration": _BOOL, "model.lrm": _BOOL, "model.attn_backend": _one_of("auto", *BACKENDS),
+    "model.calibration": _BOOL, "model.lrm": _BOOL,
+    "model.lrm_input": _one_of("calibrated", "pre_calibration"), "model.attn_backend": _one_of("auto", *BACKENDS),
     "model.fold_decoder_attention": _BOOL, "model.grad_checkpointing": _BOOL,
     "loss.aux_weight": _num(0), "loss.dice_weight": _num(0), "loss.rec_weight": _num(0),
     "loss.rec_sentence_weight": _num(0),

@@ -43,33 +43,73 @@ def test_ridge_r2_recovers_a_linear_map_and_not_noise():
     assert ridge_r2(x[:200], unrelated[:200], x[200:], unrelated[200:]) < 0.05
 
 
+def test_the_lrm_reads_the_configured_decoder_state(tiny):
+    from crformer.config import load_config
+    from crformer.models.crformer import CRFormer
+
+    def lrm_input_and_state(lrm_input: str, state: str) -> tuple:
+        """The LRM's input and the output of the last decoder layer's submodule ``state``."""
+        torch.manual_seed(0)
+        model = CRFormer.from_config(load_config(None, tiny + [f"model.lrm_input={lrm_input}"]), "cpu").train()
+        seen = {}
+        model.lrm.register_forward_hook(lambda m, i, o: seen.update(lrm=i[0]))
+        getattr(model.decoder.layers[-1], state).register_forward_hook(lambda m, i, o: seen.update(state=o))
+        model(torch.randn(2, 3, 32, 32), torch.full((2, 20), 1000), torch.ones(2, 20, dtype=torch.bool))
+        return seen["lrm"], seen["state"]
+
+    assert torch.equal(*lrm_input_and_state("calibrated", "calibration"))  # the layer's output
+    assert torch.equal(*lrm_input_and_state("pre_calibration", "ffn"))  # before its calibration
+
+
 def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["--out", str(out), "--work-dir", str(work), "--seeds", "0,1", "--variants", "plain,crformer-nq16",
             *tiny, "train.epochs=1"]
     ablate.main(args)
+    ablate.main(["--out", str(out), "--work-dir", str(work), "--seeds", "0", "--variants",
+                 "plain-nq16,lrm-pre-calibration", *tiny, "train.epochs=1"])
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert runs == ["crformer-nq16-s0.json", "crformer-nq16-s1.json", "plain-s0.json", "plain-s1.json"]
+    assert runs == ["crformer-nq16-s0.json", "crformer-nq16-s1.json", "lrm-pre-calibration-s0.json",
+                    "plain-nq16-s0.json", "plain-s0.json", "plain-s1.json"]
     agg = json.loads((out / "results.json").read_text())
-    assert list(agg) == ["crformer-nq16", "plain"]  # the VARIANTS order
-    for row in agg.values():
-        assert row["seeds"] == [0, 1]
+    assert list(agg) == ["crformer-nq16", "lrm-pre-calibration", "plain-nq16", "plain"]  # the VARIANTS order
+    for name, row in agg.items():
+        assert row["seeds"] == ([0] if name in ("plain-nq16", "lrm-pre-calibration") else [0, 1])
         for key in ("val_easy/mIoU", "val_hard/oIoU", "val_hard/relational/mIoU"):
             mean, std = row["metrics"][key]
             assert 0.0 <= mean <= 1.0 and std >= 0.0
-        # layer 0 (QGM) + the tiny model's 2 decoder layers
-        assert all(len(row["probe"][p]) == 3 for p in ("colour", "shape", "spatial", "sentence_r2"))
+        # Both states of a calibrated decoder's layers, one of a plain decoder's; each: layer 0 (QGM)
+        # + the tiny model's 2 decoder layers.
+        assert row["calibration"] == (not name.startswith("plain"))
+        assert list(row["probe"]) == (["calibrated", "pre"] if row["calibration"] else ["calibrated"])
+        for state in row["probe"].values():
+            assert all(len(state[p]) == 3 for p in ("colour", "shape", "spatial", "sentence_r2"))
+        if row["calibration"]:  # the same QGM queries at layer 0, different states after
+            assert row["probe"]["pre"]["sentence_r2"][0] == row["probe"]["calibrated"]["sentence_r2"][0]
+            assert row["probe"]["pre"]["sentence_r2"][1:] != row["probe"]["calibrated"]["sentence_r2"][1:]
     run = json.loads((out / "runs" / "plain-s0.json").read_text())
     assert "model.calibration=false" in run["overrides"] and "train.epochs=1" in run["overrides"]
+    assert "model.num_queries=16" in json.loads((out / "runs" / "plain-nq16-s0.json").read_text())["overrides"]
+    assert "model.lrm_input=pre_calibration" in json.loads(
+        (out / "runs" / "lrm-pre-calibration-s0.json").read_text())["overrides"]
     tables = (out / "tables.md").read_text()
-    assert "| plain | 2 |" in tables and "| crformer-nq16 | 0 |" in tables
+    assert "| plain | 2 |" in tables and "| plain-nq16 | 1 |" in tables and "| lrm-pre-calibration | 1 |" in tables
+    assert "| crformer-nq16 | 0 | QGM queries |" in tables
+    for state in ("after calibration (output)", "after FFN, before calibration"):
+        assert f"| crformer-nq16 | 2 | {state} |" in tables
+        assert f"| plain-nq16 | 2 | {state} |" not in tables
+    assert "| plain-nq16 | 2 | output (no calibration: one state) |" in tables
     assert (out / "metrics.png").stat().st_size > 1000 and (out / "probe.png").stat().st_size > 1000
 
-    # Same seed → the same numbers (training is deterministic), and finished runs are skipped.
-    (out / "runs" / "plain-s0.json").unlink()
+    # Same seed → the same numbers (training is deterministic); finished runs are skipped, and a
+    # run made with another setting is redone.
+    stale = dict(run, overrides=run["overrides"][:-1])
+    (out / "runs" / "plain-s0.json").write_text(json.dumps(stale))
     capsys.readouterr()
     ablate.main(args)
-    assert "done already" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "crformer-nq16 seed 0: done already" in printed and "plain seed 0: " in printed
+    assert "made with another setting; retraining" in printed
     again = json.loads((out / "runs" / "plain-s0.json").read_text())
     assert again["metrics"] == run["metrics"] and again["probe"] == run["probe"]
     ablate.main(["--out", str(out), "--report-only"])

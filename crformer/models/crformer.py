@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from crformer.errors import UserError
 from crformer.models.backbone import SwinVLFEncoder
 from crformer.models.decoder import CalibrationDecoder
 from crformer.models.heads import LanguageReconstructionModule, MaskHead
@@ -15,6 +16,10 @@ from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
 from crformer.models.text_encoder import TextEncoder
 from crformer.ops import masked_pool, resolve_backend
+
+
+#: Values of ``model.lrm_input`` (:class:`CRFormer` ``lrm_input``).
+LRM_INPUTS = ("calibrated", "pre_calibration")
 
 
 class CRFormer(nn.Module):
@@ -41,6 +46,10 @@ class CRFormer(nn.Module):
         num_heads: heads of the decoder, QGM and LRM attentions.  ffn_dim: decoder FFN width.
         memory_strides, mask_stride: see :class:`PixelDecoder` (memory strides beyond N_d are unused).
         calibration: the Calibration layers (False: a plain decoder).  lrm: build the LRM.
+        lrm_input: what the LRM reconstructs the words from: ``"calibrated"``, the last decoder
+            layer's output (the paper), or ``"pre_calibration"``, that layer's state after its FFN,
+            before the calibration re-injects the words (the language-fidelity study's control;
+            the same state for a plain decoder).
         attn_backend: a name in :data:`crformer.ops.BACKENDS` or ``"auto"``, decided once here for
             every attention module (:func:`crformer.ops.resolve_backend`).
         fold_decoder_attention: the decoder cross-attention with its K/V projections folded into
@@ -53,10 +62,13 @@ class CRFormer(nn.Module):
                  backbone: Optional[Mapping[str, Any]] = None, vlf_heads: int = 1, d_model: int = 128,
                  num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
                  memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, calibration: bool = True,
-                 lrm: bool = True, attn_backend: str = "auto", fold_decoder_attention: bool = False,
-                 grad_checkpointing: bool = False):
+                 lrm: bool = True, lrm_input: str = "calibrated", attn_backend: str = "auto",
+                 fold_decoder_attention: bool = False, grad_checkpointing: bool = False):
         super().__init__()
+        if lrm_input not in LRM_INPUTS:
+            raise UserError(f"model.lrm_input must be one of {', '.join(LRM_INPUTS)}; got {lrm_input!r}")
         D, attn_backend = d_model, resolve_backend(attn_backend)
+        self.lrm_input = lrm_input
         self.text_encoder = TextEncoder(text_encoder, text_finetune, text_trainable_layers)
         C_l = self.text_encoder.dim
         self.backbone = SwinVLFEncoder(image_size=image_size, lang_dim=C_l, **(backbone or {}), vlf_heads=vlf_heads,
@@ -101,13 +113,14 @@ class CRFormer(nn.Module):
         q = self.qgm(memories[0], words, mask, sentence)
         mem_seq = [m.flatten(2).transpose(1, 2) for m in memories]  # B×(h·w)×D
         mem_pos = [sine_position_embedding(*m.shape[-2:], m.shape[1], m.device, m.dtype) for m in memories]
-        outs = self.decoder(q, mem_seq, mem_pos, words, mask)
+        outs, pres = self.decoder(q, mem_seq, mem_pos, words, mask, return_pre_calibration=True)
         result = {"pred_masks": self.mask_head(outs[-1], pixel, sentence, detail), "lang": lang, "lang_mask": mask}
         if self.training:
             # Unrefined (B×(S/4)×(S/4)): deep supervision trains the queries; only the final mask
             # needs the outline refinement, which was a tenth of a CPU training step per call.
             result["aux_masks"] = [self.mask_head(o, pixel, sentence) for o in outs[:-1]]
-            result["rec"] = self.lrm(outs[-1]) if self.lrm is not None else None
+            lrm_reads = pres if self.lrm_input == "pre_calibration" else outs
+            result["rec"] = self.lrm(lrm_reads[-1]) if self.lrm is not None else None
         return result
 
 

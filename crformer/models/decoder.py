@@ -69,7 +69,10 @@ class CalibrationLayer(nn.Module):
 class CalibrationDecoderLayer(nn.Module):
     """cross-attention (queries → pixels) → self-attention → FFN → calibration (optional).
 
-    ``forward(q B×M×D, memory B×N×D, memory_pos N×D, words B×L×D, mask B×L, query_pos M×D)`` → B×M×D.
+    ``forward(q B×M×D, memory B×N×D, memory_pos N×D, words B×L×D, mask B×L, query_pos M×D)`` → B×M×D;
+    with ``return_pre_calibration=True`` → ``(output, pre)``, ``pre`` the FFN's output before the
+    calibration (the output itself without calibration). The two states are also the outputs of the
+    submodules ``ffn`` and ``calibration``, which forward hooks can read.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, attn_backend: str = "auto",
@@ -81,20 +84,21 @@ class CalibrationDecoderLayer(nn.Module):
         self.ffn = FFNLayer(dim, ffn_dim)
         self.calibration = CalibrationLayer(dim, num_heads, attn_backend=attn_backend) if calibration else None
 
-    def forward(self, q, memory, memory_pos, words, mask, query_pos=None):
+    def forward(self, q, memory, memory_pos, words, mask, query_pos=None, return_pre_calibration: bool = False):
         q = self.cross(q, memory, query_pos=query_pos, key_pos=memory_pos)
         q = self.self_attn(q, query_pos=query_pos)
-        q = self.ffn(q)
-        if self.calibration is not None:
-            q = self.calibration(q, words, mask)
-        return q
+        pre = self.ffn(q)
+        out = pre if self.calibration is None else self.calibration(pre, words, mask)
+        return (out, pre) if return_pre_calibration else out
 
 
 class CalibrationDecoder(nn.Module):
     """N_d layers cycling over the memories coarse → fine.
 
     ``forward(q0 B×N_q×D, memories [B×N_i×D], memory_pos [N_i×D], words B×L×D, mask B×L)``
-    → list of the N_d layer outputs, each B×N_q×D.
+    → list of the N_d layer outputs, each B×N_q×D; with ``return_pre_calibration=True`` →
+    ``(outputs, pre)``, ``pre`` the N_d states before each layer's calibration (the outputs
+    themselves for a plain decoder).
 
     No level embedding: the one this decoder had was added to the key positions, where it shifted
     every score of a query by the same amount; softmax cancels that, so it never learned. Each layer
@@ -128,14 +132,15 @@ class CalibrationDecoder(nn.Module):
         nn.init.normal_(self.query_pos, std=0.02)
         ignore_removed_state(self, "level_embed")
 
-    def forward(self, q, memories: list, memory_pos: list, words, mask) -> list:
-        outs = []
+    def forward(self, q, memories: list, memory_pos: list, words, mask, return_pre_calibration: bool = False):
+        outs, pres = [], []
         for j, layer in enumerate(self.layers):
             lvl = j % len(memories)
-            args = (q, memories[lvl], memory_pos[lvl], words, mask, self.query_pos)
+            args = (q, memories[lvl], memory_pos[lvl], words, mask, self.query_pos, True)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                q = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                q, pre = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                q = layer(*args)
+                q, pre = layer(*args)
             outs.append(q)
-        return outs
+            pres.append(pre)
+        return (outs, pres) if return_pre_calibration else outs
