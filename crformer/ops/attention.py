@@ -85,7 +85,7 @@ def reference_memory_attention(q, memory, pos=None, key_padding_mask=None, scale
 def reference_cross_attention(q, k, v, key_padding_mask=None, scale=None):
     """Plain PyTorch attention in fp32 (or the input's wider dtype): the oracle for every backend."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]
