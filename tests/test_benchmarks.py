@@ -162,3 +162,22 @@ def test_count_kernels():
               ev("elementwise", kind=None), ev("Optimizer.step#AdamW.step", kind=None, annotation=True),
               ev("ProfilerStep#1", kind="gpu_user_annotation")]
     assert common.count_kernels(events) == (3, pytest.approx(5.0e-3))
+
+
+def test_compile_flag_adds_a_compiled_step_without_running_it():
+    """``--compile MODE`` adds one "compile MODE" step per backend on CPU (plus "+ graphs" on CUDA),
+    sharing the eager step's model and batch; torch.compile is lazy, so nothing compiles here."""
+    import argparse
+
+    import bench_train_step as bts
+
+    step = bts.TrainStep(torch.nn.Linear(2, 2), None, None, {}, torch.device("cpu"), "none")
+    dev = argparse.Namespace(cuda=False)
+    assert [name for name, _ in bts.step_variants(argparse.Namespace(compile=None), step, dev)] == ["eager"]
+    variants = bts.step_variants(argparse.Namespace(compile="default"), step, dev)
+    assert [name for name, _ in variants] == ["eager", "compile default"]
+    compiled = variants[1][1]
+    assert compiled.model is step.model and compiled.forward_loss is not step.forward_loss
+    assert [n for n, _ in bts.step_variants(argparse.Namespace(compile="max-autotune"), step,
+                                            argparse.Namespace(cuda=True))][1:] == [
+        "compile max-autotune", "compile max-autotune + graphs"]
