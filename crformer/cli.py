@@ -11,8 +11,10 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from crformer.errors import UserError
 
@@ -71,6 +73,8 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> 
 
 def parse_device(name: str | None) -> torch.device:
     """``--device``: a torch device that exists here (default: cuda when available, else cpu)."""
+    import torch  # here, not at import: the CLIs check their arguments before torch loads
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -57,9 +57,7 @@ def main(argv=None) -> None:
         protocol = a.protocol or cfg["eval"]["protocol"]
         refer = open_refer(cfg)
         splits = splits or cfg["data"]["val_splits"]
-        unknown = [s for s in splits if s not in refer.splits()]
-        if unknown:
-            raise UserError(f"split {unknown[0]!r} is not in {refer.refs_path} (splits: {', '.join(refer.splits())})")
+        refer.check_splits(splits)
         results = {s: evaluate_split(seg.model, refer, s, cfg, seg.tokenizer, seg.device, protocol, a.language_check,
                                      rank, world, a.save_vis, vis_dir, progress=is_main())
                    for s in splits}

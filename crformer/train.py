@@ -127,10 +127,7 @@ class Trainer:
         if not is_main():
             self.refer = open_refer(cfg)
         d = cfg["data"]
-        missing = [s for s in [d["train_split"], *d["val_splits"], *d["test_splits"]] if s not in self.refer.splits()]
-        if missing:
-            raise UserError(f"split {missing[0]!r} is not in {self.refer.refs_path} "
-                            f"(splits: {', '.join(self.refer.splits())})")
+        self.refer.check_splits([d["train_split"], *d["val_splits"], *d["test_splits"]])
         self.train_set = RefDataset(self.refer, cfg["data"]["train_split"], cfg["data"]["image_size"], train=True,
                                     seed=t["seed"], preload=cfg["data"]["preload"])
         if len(self.train_set) == 0:

@@ -219,6 +219,14 @@ class REFER:
         """Sorted names of the splits present in the refs file."""
         return sorted({str(r["split"]) for r in self.refs})
 
+    def check_splits(self, names: Sequence[str]) -> None:
+        """UserError naming the first of ``names`` that the refs file does not hold (and those it does),
+        so a typo is reported before any training or evaluation starts."""
+        have = self.splits()
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise UserError(f"split {missing[0]!r} is not in {self.refs_path} (splits: {', '.join(have)})")
+
     def refs_in(self, split: Optional[str] = None) -> List[Dict[str, Any]]:
         """Ref dicts of ``split`` (all refs if ``None``), sorted by ref_id."""
         if split is None:
