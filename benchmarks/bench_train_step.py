@@ -88,7 +88,8 @@ def batch(B, S, L, vocab, device, seed=0):
     ids[torch.arange(B), mask.sum(1) - 1] = 102  # [SEP]
     images = torch.randn(B, 3, S, S, generator=g)
     target = (torch.rand(B, S, S, generator=g) > 0.5).float()
-    return images.to(device), ids.to(device), mask.to(device), target.to(device)
+    # The ids stay on the host, as crformer.train keeps them (the text cache reads its keys there).
+    return images.to(device), ids, mask.to(device), target.to(device)
 
 
 class TrainStep:

@@ -140,8 +140,8 @@ class Trainer:
             raise UserError(f"train.batch_size={t['batch_size']} is larger than the training set "
                             f"({len(self.train_set)} objects)")
         self.total_steps = t["epochs"] * self.steps_per_epoch
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.world > 1 else self.model)
+        # No device_ids: DDP would copy every input to the GPU, the token ids included (see train_step).
+        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
         mode = compile_mode(t["compile"], t["cuda_graphs"])
         # Static shapes: sentences are padded to max_tokens and every batch is full (drop_last), so
         # one graph serves the whole run. Checkpoints keep self.model's plain keys either way.
@@ -214,7 +214,10 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         t = self.cfg["train"]
-        inputs = [batch[k].to(self.device, non_blocking=True) for k in ("image", "input_ids", "attention_mask", "mask")]
+        # The token ids stay on the host: the text encoder reads them as its cache keys, which on a
+        # device copy would be a device→host wait in every step.
+        inputs = [batch[k] if k == "input_ids" else batch[k].to(self.device, non_blocking=True)
+                  for k in ("image", "input_ids", "attention_mask", "mask")]
         self.optimizer.zero_grad(set_to_none=True)
         no_sync = self.ddp.no_sync if self.world > 1 else contextlib.nullcontext
         terms = accumulate_gradients(self.step_loss, inputs, t["grad_accum"], no_sync)
@@ -239,7 +242,8 @@ class Trainer:
             order = list(self.sampler)[: self.steps_per_epoch * self.local_batch]
             skip = self.step - epoch * self.steps_per_epoch  # batches already done (mid-epoch resume)
             loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=order[skip * self.local_batch:],
-                                collate_fn=collate, num_workers=self.cfg["data"]["num_workers"])
+                                collate_fn=collate, num_workers=self.cfg["data"]["num_workers"],
+                                pin_memory=self.device.type == "cuda")
             bar = loader
             if is_main():
                 from tqdm import tqdm

