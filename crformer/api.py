@@ -54,8 +54,10 @@ class Segmenter:
                  device: torch.device | None = None, batch_size: int = 16):
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
-        mode = compile_mode(cfg["train"]["compile"], cfg["train"]["cuda_graphs"] and self.device.type == "cuda")
-        if mode is not None:  # train.compile applies to inference too (override it with train.compile=none)
+        # eval.compile, not train.compile: a run trained compiled should not make predicting one
+        # image pay minutes of compilation unless asked.
+        mode = compile_mode(cfg["eval"]["compile"], cuda_graphs=False)
+        if mode is not None:
             self.model = torch.compile(self.model, mode=mode)
         self.cfg = cfg
         self.tokenizer = tokenizer

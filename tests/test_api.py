@@ -63,3 +63,14 @@ def test_same_mask_as_the_predict_cli(seg, checkpoint, tmp_path):
 def test_bad_images_are_user_errors(seg, bad, needle):
     with pytest.raises(UserError, match=needle):
         seg(bad, "the star")
+
+
+def test_inference_compiles_on_eval_compile_not_on_train_compile(checkpoint):
+    """A run trained compiled must not make predicting one image pay a compilation; eval.compile asks."""
+    import torch
+
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    trained_compiled = Segmenter.from_checkpoint(checkpoint, device="cpu", overrides=["train.compile=default"])
+    assert not isinstance(trained_compiled.model, compiled)
+    asked = Segmenter.from_checkpoint(checkpoint, device="cpu", overrides=["eval.compile=default"])
+    assert isinstance(asked.model, compiled)
