@@ -15,8 +15,8 @@ BERT with MiniLM's shape (6 layers, 384 wide) is written to a temporary folder a
 the step feeds random token ids, so no tokenizer is needed.
 
 One step = bf16 autocast forward (CUDA; fp32 on CPU) + ``crformer_loss`` + backward + fused AdamW over
-``crformer.train``'s parameter groups, as in ``crformer.train`` less gradient clipping and the LR
-schedule. ``--compile MODE`` adds the step with forward + loss compiled (and on CUDA the same from CUDA
+``crformer.train``'s parameter groups after gradient clipping (``train.grad_clip``), as in
+``crformer.train`` less the LR schedule; the token ids stay on the host, as the trainer keeps them. ``--compile MODE`` adds the step with forward + loss compiled (and on CUDA the same from CUDA
 graphs): rows "compile …", whose FLOPs are the eager step's. Timed per step (CUDA events / perf_counter), median after warm-up. Backends:
 triton, reference, sdpa on CUDA; reference and sdpa on CPU. Section "train_step" of
 <out-dir>/<device>-<date>.json and .md.
@@ -96,8 +96,9 @@ class TrainStep:
     """One training step of ``model`` on a fixed batch, callable as a whole (what is timed) or in the three
     phases that ``common.account_step`` counts."""
 
-    def __init__(self, model, opt, data, loss_cfg, device, amp):
+    def __init__(self, model, opt, data, loss_cfg, device, amp, grad_clip: float = 0.0):
         self.model, self.opt, self.data, self.loss_cfg, self.device, self.amp = model, opt, data, loss_cfg, device, amp
+        self.grad_clip = grad_clip  # the trainer clips before every update (train.grad_clip)
 
     def forward_loss(self) -> torch.Tensor:
         from crformer.engine import autocast_context
@@ -112,6 +113,8 @@ class TrainStep:
         loss.backward()
 
     def optimizer_step(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -240,7 +243,8 @@ def main(argv=None):
         # The trainer's optimizer: its parameter groups and fused AdamW (one pass over all parameters).
         opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg["train"]["lr"], fused=True)
         for b in batches:
-            step = TrainStep(model, opt, batch(b, S, L, vocab, dev.device), cfg["loss"], dev.device, amp)
+            step = TrainStep(model, opt, batch(b, S, L, vocab, dev.device), cfg["loss"], dev.device, amp,
+                             cfg["train"]["grad_clip"])
             for variant, fn in step_variants(args, step, dev):
                 measure(rows, dev, f"train step {S}² B={b}", name, variant, fn, args.quick, {"B": b, "image_size": S})
             del step
