@@ -89,6 +89,7 @@ def batch(B, S, L, vocab, device, seed=0):
     images = torch.randn(B, 3, S, S, generator=g)
     target = (torch.rand(B, S, S, generator=g) > 0.5).float()
     # The ids stay on the host, as crformer.train keeps them (the text cache reads its keys there).
+    ids = ids.pin_memory() if torch.device(device).type == "cuda" else ids  # as the trainer's loader pins it
     return images.to(device), ids, mask.to(device), target.to(device)
 
 

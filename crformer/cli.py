@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import sys
 import tempfile
 import threading
+import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,13 +118,23 @@ def run(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
+    except Exception:
+        if not _torchrun_worker():
+            raise
+        traceback.print_exc()
+        status = 1
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _torchrun_worker():
         _exit_torchrun_worker(status)
     if status:
         sys.exit(status)
+
+
+def _torchrun_worker() -> bool:
+    distributed = sys.modules.get("crformer.distributed")  # not imported: no process group joined
+    return distributed is not None and distributed.joined_process_group()
 
 
 def _exit_torchrun_worker(status: int) -> None:
@@ -133,4 +145,5 @@ def _exit_torchrun_worker(status: int) -> None:
     succeeded (seen on 2 loaded cores in about 1 run in 5)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # C stdio too (e.g. NCCL_DEBUG output)
     os._exit(status)

@@ -9,12 +9,17 @@ import torch
 import torch.distributed as dist
 
 
+_joined = False  # this process joined a torchrun process group (stays True after cleanup)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise the process group when launched by torchrun; returns (rank, world, device)."""
+    global _joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        _joined = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,3 +50,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined_process_group() -> bool:
+    """Whether this process joined a torchrun process group (True also after :func:`cleanup`)."""
+    return _joined

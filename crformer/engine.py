@@ -39,7 +39,8 @@ def predict_logits(model, images, input_ids, attention_mask, amp: str = "auto") 
     """Mask logits B×(S/s)×(S/s) (s = model.mask_stride) in fp32 for a batch (model in eval mode)."""
     device = images.device
     with autocast_context(device, amp):
-        return model(images, input_ids.to(device), attention_mask.to(device))["pred_masks"].float()
+        # ids stay where they are: the frozen text cache reads them as keys (no device→host wait on CPU ids)
+        return model(images, input_ids, attention_mask.to(device))["pred_masks"].float()
 
 
 def upsample_mask(logits: torch.Tensor, size: tuple) -> np.ndarray:

@@ -104,6 +104,44 @@ def test_torchrun_two_processes_gloo(tiny, tmp_path):
     assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
 
 
+class Exited(Exception):
+    """Stands in for os._exit, which never returns."""
+
+
+@pytest.mark.parametrize("raised,status", [(None, 0), ("user", 2), (KeyboardInterrupt(), 130),
+                                           ("terminated", 143), (RuntimeError("boom"), 1)])
+def test_torchrun_worker_ends_with_its_status_without_finalization(raised, status, monkeypatch, capsys):
+    from crformer import cli, distributed
+    from crformer.errors import UserError
+
+    raised = {"user": UserError("bad value"), "terminated": cli.Terminated()}.get(raised, raised)
+
+    def main(argv):
+        if raised is not None:
+            raise raised
+
+    def exit_now(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(distributed, "_joined", True)
+    with pytest.raises(Exited) as e:
+        run(main, [])
+    assert e.value.args == (status,)
+    if status == 1:  # an unexpected error still shows its traceback
+        assert "RuntimeError: boom" in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "_joined", False)  # outside torchrun: a normal exit, no os._exit
+    if raised is None:
+        run(main, [])
+    elif status == 1:
+        with pytest.raises(RuntimeError):
+            run(main, [])
+    else:
+        with pytest.raises(SystemExit) as e:
+            run(main, [])
+        assert e.value.code == status
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2
 def _user_error(main, argv, capsys, *needles):
     with pytest.raises(SystemExit) as e:

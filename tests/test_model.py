@@ -154,13 +154,18 @@ def test_prepared_text_mask_gives_the_padding_mask_result(tokens):
     """The 4-D mask handed to BERT (no ``mask.all()`` host read) gives what transformers' own 2-D
     padding mask gives, on every real token, in float64."""
     enc = build_model(tiny_cfg()).text_encoder.double().eval()
-    if not enc._prepared_mask:
+    if not enc.prepared_mask:
         pytest.skip("this transformers' BERT does not build its masks with create_bidirectional_mask")
     ids, mask = tokens
     assert not mask.all()  # padded rows, or the two paths would not differ
     prepared = enc._encode(ids, mask)
     plain = enc.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     torch.testing.assert_close(prepared[mask], plain[mask], rtol=1e-12, atol=1e-12)
+    # Switched to eager attention after building (which would add a bool mask to the scores), the
+    # encoder goes back to the 2-D mask and still gives the same features.
+    enc.bert.set_attn_implementation("eager")
+    assert not enc.prepared_mask
+    torch.testing.assert_close(enc._encode(ids, mask)[mask], plain[mask], rtol=1e-10, atol=1e-10)
 
 
 def test_reconstruction_loss_ignores_padding_and_empty_rows():

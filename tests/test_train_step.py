@@ -128,7 +128,7 @@ def test_a_step_reads_device_values_once_at_its_end(finetune, data_cache, tmp_pa
     cfg = load_config(None, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={tmp_path}",
                                           f"model.text_finetune={str(finetune).lower()}", "train.grad_clip=1.0"])
     trainer = train.Trainer(cfg)
-    if finetune and not trainer.model.text_encoder._prepared_mask:
+    if finetune and not trainer.model.text_encoder.prepared_mask:
         pytest.skip("this transformers' BERT checks its 2-D padding mask on the host in every forward")
     batch = Collate(trainer.tokenizer)([trainer.train_set[i] for i in range(trainer.local_batch)])
     trainer.train_step(batch)  # the first step fills the text cache

@@ -118,12 +118,8 @@ class TextEncoder(nn.Module):
         self.finetune = finetune
         self.use_cache = cache and not finetune
         self._cache: dict[tuple, torch.Tensor] = {}
-        # transformers' 2-D mask path asks "is any token padded?" (``mask.all()``) in every forward,
-        # a device→host wait on GPU; a prepared 4-D mask is passed through as-is by models built
-        # on ``masking_utils.create_bidirectional_mask``, and SDPA takes it as bool (True = attend).
-        bert_module = sys.modules[type(self.bert).__module__]
-        self._prepared_mask = (getattr(self.bert.config, "_attn_implementation", None) == "sdpa"
-                               and hasattr(bert_module, "create_bidirectional_mask"))
+        self._builds_masks_in_masking_utils = hasattr(sys.modules[type(self.bert).__module__],
+                                                      "create_bidirectional_mask")
         for p in self.bert.parameters():
             p.requires_grad = finetune
         if finetune and trainable_layers >= 0:
@@ -140,15 +136,27 @@ class TextEncoder(nn.Module):
             self.bert.eval()  # frozen: no dropout, deterministic features
         return self
 
+    @property
+    def prepared_mask(self) -> bool:
+        """Whether BERT gets a prepared B×1×1×L bool mask instead of the 2-D padding mask. Why:
+        transformers' 2-D path asks "is any token padded?" (``mask.all()``) in every forward, a
+        device→host wait on GPU. Models that build masks with ``masking_utils.create_bidirectional_mask``
+        pass a 4-D mask through as-is, and only SDPA reads a bool one as True = attend (eager and flex
+        would add it to the scores), so this is decided per call, from the current implementation."""
+        c = self.bert.config
+        return (self._builds_masks_in_masking_utils and getattr(c, "_attn_implementation", None) == "sdpa"
+                and not getattr(c, "is_decoder", False))
+
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask[:, None, None, :] if self._prepared_mask else attention_mask.long()
+        mask = attention_mask[:, None, None, :] if self.prepared_mask else attention_mask.long()
         return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids B×L long, on any device; attention_mask B×L bool, on the model's device →
         word features B×L×C_l there. The frozen encoder's cache is keyed by the ids as Python
         tuples: the trainer keeps the ids on the host, so reading them costs no device→host wait."""
-        device = attention_mask.device
+        device = self.bert.embeddings.word_embeddings.weight.device
+        attention_mask = attention_mask.to(device, non_blocking=True)
         if not self.use_cache:
             with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
                 return self._encode(input_ids.to(device, non_blocking=True), attention_mask)
