@@ -312,6 +312,52 @@ def tables_markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The study's contrasts, (what is tested, A, B): each claim as one difference A − B.
+CONTRASTS = [
+    ("calibration", "crformer-nq16", "no-calibration"),
+    ("reconstruction loss (LRM)", "crformer-nq16", "no-lrm"),
+    ("both (full vs plain decoder, N_q = 16)", "crformer-nq16", "plain-nq16"),
+    ("LRM reading the state before calibration", "lrm-pre-calibration", "crformer-nq16"),
+    ("N_q = 16 vs 1", "crformer-nq16", "crformer-nq1"),
+    ("N_q = 16 vs 4", "crformer-nq16", "crformer-nq4"),
+    ("plain decoder, N_q = 16 vs 1", "plain-nq16", "plain"),
+]
+
+
+def _own_state(row: dict) -> str:
+    """The state that shows what the decoder layers themselves keep: before calibration when there
+    is one, else (plain decoder) the output."""
+    return "pre" if "pre" in row["probe"] else "calibrated"
+
+
+def _difference(a: tuple, na: int, b: tuple, nb: int) -> str:
+    """A − B in points, ± the standard error of a difference of two means over seeds."""
+    d, se = a[0] - b[0], (a[1] ** 2 / na + b[1] ** 2 / nb) ** 0.5
+    return f"{100 * d:+.1f} ± {100 * se:.1f}"
+
+
+def contrasts_markdown(agg: dict) -> str:
+    """One row per contrast of :data:`CONTRASTS` whose two variants both ran: the difference of the
+    seed means (A − B, points) ± its standard error, for the val mIoU of both splits and the last
+    layer's sentence R² and spatial-word probe, in the decoder's own state and in its output."""
+    cols = ["val_easy mIoU", "val_hard mIoU", "last layer R², own", "last layer spatial, own",
+            "last layer R², output"]
+    lines = ["Contrasts (A − B in points, ± standard error of the difference of the seed means; *own* = "
+             "after the FFN, before calibration, or a plain decoder's output; *output* = after calibration):",
+             "", "| contrast | A | B | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for what, a, b in CONTRASTS:
+        if a not in agg or b not in agg:
+            continue
+        ra, rb = agg[a], agg[b]
+        na, nb = len(ra["seeds"]), len(rb["seeds"])
+        cells = [_difference(ra["metrics"][f"{s}/mIoU"], na, rb["metrics"][f"{s}/mIoU"], nb) for s in METRIC_SPLITS]
+        for name, state in (("sentence_r2", None), ("spatial", None), ("sentence_r2", "calibrated")):
+            sa, sb = state or _own_state(ra), state or _own_state(rb)
+            cells.append(_difference(ra["probe"][sa][name][-1], na, rb["probe"][sb][name][-1], nb))
+        lines.append(f"| {what} | {a} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(agg: dict, out: Path) -> None:
     """``metrics.png`` (val mIoU/oIoU per variant, error bars = std over seeds) and ``probe.png``."""
     import matplotlib
@@ -367,7 +413,7 @@ def report(out: Path) -> dict:
         raise UserError(f"no finished runs under {out / 'runs'}")
     agg = aggregate(runs)
     (out / "results.json").write_text(json.dumps(agg, indent=1))
-    (out / "tables.md").write_text(tables_markdown(agg))
+    (out / "tables.md").write_text(tables_markdown(agg) + "\n" + contrasts_markdown(agg))
     plot(agg, out)
     return agg
 
@@ -449,7 +495,7 @@ def main(argv=None) -> None:
                       f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
                       f"  ({result['seconds']:.0f} s)", flush=True)
     agg = report(out)
-    print(tables_markdown(agg))
+    print(tables_markdown(agg) + "\n" + contrasts_markdown(agg))
     print(f"wrote {out / 'results.json'}, {out / 'tables.md'}, {out / 'metrics.png'}, {out / 'probe.png'}")
 
 

@@ -99,6 +99,9 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
         assert f"| crformer-nq16 | 2 | {state} |" in tables
         assert f"| plain-nq16 | 2 | {state} |" not in tables
     assert "| plain-nq16 | 2 | output (no calibration: one state) |" in tables
+    assert "| both (full vs plain decoder, N_q = 16) | crformer-nq16 | plain-nq16 |" in tables
+    assert "| plain decoder, N_q = 16 vs 1 | plain-nq16 | plain |" in tables
+    assert "| calibration |" not in tables  # no-calibration did not run
     assert (out / "metrics.png").stat().st_size > 1000 and (out / "probe.png").stat().st_size > 1000
 
     # Same seed → the same numbers (training is deterministic); finished runs are skipped, and a
@@ -117,3 +120,22 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     # Re-probing from the saved final checkpoints reproduces the inline probe.
     ablate.main(["--out", str(out), "--work-dir", str(work), "--reprobe"])
     assert json.loads((out / "runs" / "plain-s0.json").read_text())["probe"] == again["probe"]
+
+
+def test_contrasts_are_differences_of_seed_means_with_their_standard_error():
+    def row(hard, r2_pre, r2_out, n, calibration=True):
+        probe = {"calibrated": {"sentence_r2": [(0.9, 0.0), r2_out], "spatial": [(0.9, 0.0), (0.8, 0.0)]}}
+        if calibration:
+            probe["pre"] = {"sentence_r2": [(0.9, 0.0), r2_pre], "spatial": [(0.9, 0.0), (0.7, 0.0)]}
+        return {"seeds": list(range(n)), "probe": probe,
+                "metrics": {"val_easy/mIoU": (0.80, 0.0), "val_hard/mIoU": hard}}
+
+    agg = {"crformer-nq16": row((0.50, 0.03), (0.86, 0.02), (0.95, 0.01), 3),
+           "plain-nq16": row((0.65, 0.04), None, (0.70, 0.02), 3, calibration=False)}
+    table = ablate.contrasts_markdown(agg)
+    cells = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
+    se_hard = 100 * (0.03 ** 2 / 3 + 0.04 ** 2 / 3) ** 0.5
+    assert cells[:3] == ["both (full vs plain decoder, N_q = 16)", "crformer-nq16", "plain-nq16"]
+    assert cells[3] == "+0.0 ± 0.0" and cells[4] == f"-15.0 ± {se_hard:.1f}"
+    # own state: before calibration for the full model, the output for the plain decoder
+    assert cells[5].startswith("+16.0 ±") and cells[6] == "-10.0 ± 0.0" and cells[7].startswith("+25.0 ±")
