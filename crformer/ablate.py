@@ -4,9 +4,9 @@
 :data:`STUDY`), evaluates each on the easy and hard validation splits, probes how much of the
 sentence the queries of each decoder layer still carry, and writes into ``--out``
 (default ``docs/ablations``): one JSON per run under ``runs/``, ``results.json`` (the aggregate),
-``tables.md`` and the plots ``metrics.png`` and ``probe.png``. Finished runs are skipped, so an
-interrupted study continues where it stopped; ``--report-only`` rebuilds tables and plots from the
-run files alone.
+``tables.md`` and the plots ``metrics.png``, ``curves.png`` (val mIoU after every epoch) and
+``probe.png``. Finished runs are skipped, so an interrupted study continues where it stopped;
+``--report-only`` rebuilds tables and plots from the run files alone.
 
 The probe (:func:`probe_layers`): for each layer ℓ (0 = the QGM's queries, 1…N_d = the decoder
 layers) the queries are mean-pooled into one D-vector per sample, in two states of every decoder
@@ -221,7 +221,8 @@ def run_one(variant: str, seed: int, overrides: list, work_dir: Path) -> dict:
     probe = probe_layers(model, trainer.refer, cfg, trainer.tokenizer, device)
     return {"variant": variant, "seed": seed, "overrides": STUDY + VARIANTS[variant] + list(overrides),
             "metrics": {s: {"overall": r["overall"], "by_kind": r["by_kind"]} for s, r in metrics.items()},
-            "probe": probe, "seconds": round(time.perf_counter() - start, 1), "steps": trainer.step}
+            "probe": probe, "seconds": round(time.perf_counter() - start, 1), "steps": trainer.step,
+            "history": trainer.history}
 
 
 def run_and_save(variant: str, seed: int, overrides: list, work_dir: str, path: str) -> dict:
@@ -274,6 +275,11 @@ def aggregate(runs: list) -> dict:
             for name in PROBES:
                 per_seed = np.asarray([st[state][name] for st in states], dtype=float)  # seeds × layers
                 row["probe"][state][name] = [_mean_std(per_seed[:, l]) for l in range(per_seed.shape[1])]
+        if all("history" in r for r in rs):  # val mIoU after every epoch: when each variant learns
+            row["curve"] = {"steps": [h["step"] for h in rs[0]["history"]]}
+            for split in METRIC_SPLITS:
+                per_seed = np.asarray([[h["val"][split]["mIoU"] for h in r["history"]] for r in rs], dtype=float)
+                row["curve"][split] = [_mean_std(per_seed[:, e]) for e in range(per_seed.shape[1])]
         row["calibration"] = "model.calibration=false" not in rs[0]["overrides"]
         row["majority"] = rs[0]["probe"]["majority"]
         row["minutes_per_run"] = float(np.mean([r["seconds"] for r in rs])) / 60
@@ -359,7 +365,8 @@ def contrasts_markdown(agg: dict) -> str:
 
 
 def plot(agg: dict, out: Path) -> None:
-    """``metrics.png`` (val mIoU/oIoU per variant, error bars = std over seeds) and ``probe.png``."""
+    """``metrics.png`` (val mIoU/oIoU per variant, error bars = std over seeds), ``curves.png`` (val
+    mIoU after every epoch, when every run file has its history) and ``probe.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,6 +387,21 @@ def plot(agg: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
+
+    if all("curve" in agg[v] for v in variants):
+        fig, axes = plt.subplots(1, len(METRIC_SPLITS), figsize=(11, 4), sharey=True)
+        for ax, split in zip(axes, METRIC_SPLITS):
+            for j, v in enumerate(variants):
+                ms = agg[v]["curve"][split]
+                ax.errorbar(np.asarray(agg[v]["curve"]["steps"]) + 6 * (j - len(variants) / 2),
+                            [100 * m for m, _ in ms], yerr=[100 * s for _, s in ms], marker="o", capsize=2, label=v)
+            ax.set_title(f"{split} mIoU (%) after each epoch, mean ± std over seeds", fontsize=9)
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+        plt.close(fig)
 
     fig, axes = plt.subplots(1, len(PROBES), figsize=(4.4 * len(PROBES), 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -496,7 +518,7 @@ def main(argv=None) -> None:
                       f"  ({result['seconds']:.0f} s)", flush=True)
     agg = report(out)
     print(tables_markdown(agg) + "\n" + contrasts_markdown(agg))
-    print(f"wrote {out / 'results.json'}, {out / 'tables.md'}, {out / 'metrics.png'}, {out / 'probe.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'tables.md'} and the plots in {out}")
 
 
 if __name__ == "__main__":
