@@ -318,10 +318,13 @@ def tables_markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The study's contrasts, (what is tested, A, B): each claim as one difference A − B.
+#: The study's contrasts, (what is tested, A, B): each claim as one difference A − B. At N_q = 16
+#: calibration × LRM is a 2 × 2 design, so each of the two is tested with and without the other.
 CONTRASTS = [
-    ("calibration", "crformer-nq16", "no-calibration"),
-    ("reconstruction loss (LRM)", "crformer-nq16", "no-lrm"),
+    ("calibration, LRM on", "crformer-nq16", "no-calibration"),
+    ("calibration, LRM off", "no-lrm", "plain-nq16"),
+    ("reconstruction loss (LRM), calibration on", "crformer-nq16", "no-lrm"),
+    ("reconstruction loss (LRM), calibration off", "no-calibration", "plain-nq16"),
     ("both (full vs plain decoder, N_q = 16)", "crformer-nq16", "plain-nq16"),
     ("LRM reading the state before calibration", "lrm-pre-calibration", "crformer-nq16"),
     ("N_q = 16 vs 1", "crformer-nq16", "crformer-nq1"),

@@ -101,7 +101,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     assert "| plain-nq16 | 2 | output (no calibration: one state) |" in tables
     assert "| both (full vs plain decoder, N_q = 16) | crformer-nq16 | plain-nq16 |" in tables
     assert "| plain decoder, N_q = 16 vs 1 | plain-nq16 | plain |" in tables
-    assert "| calibration |" not in tables  # no-calibration did not run
+    assert "| calibration, LRM on |" not in tables  # no-calibration did not run
     for row in agg.values():  # one epoch: the curve's one point is the final model's val mIoU (rounded to 1e-4)
         assert len(row["curve"]["steps"]) == 1 and len(row["curve"]["val_hard"]) == 1
         assert abs(row["curve"]["val_hard"][0][0] - row["metrics"]["val_hard/mIoU"][0]) <= 5e-5
