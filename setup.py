@@ -1,4 +1,5 @@
-"""Build script: installs ``crformer``, maps ``kernels/`` to ``crformer.kernels`` and builds the
+"""Build script: installs ``crformer`` (``crformer/kernels`` is a symlink to the top-level ``kernels/``
+folder, which has no ``__init__.py``: see docs/DESIGN.md §3) and builds the
 ``crformer._C`` extension (masked language pooling, C++ with optional CUDA kernels).
 
 Install with ``pip install --no-build-isolation -e .[dev]`` so the extension is built against the
@@ -82,7 +83,6 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir={"crformer.kernels": "kernels"},
     package_data={"crformer": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

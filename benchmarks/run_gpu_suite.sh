@@ -18,7 +18,7 @@ PART=${1:-all}
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # crformer from this checkout, not installed
+source benchmarks/gpu_env.sh  # the checkout's crformer on the path, never the root (PYTEST: its pytest)
 [ -d .gpu_carry ] && export PYTHONPATH=$PYTHONPATH:$PWD/.gpu_carry  # benchmarks/carry_minilm.py
 LOG=benchmarks/results/logs
 mkdir -p "$LOG"
@@ -48,13 +48,13 @@ if [ "$PART" = all ] || [ "$PART" = check ]; then
   for i in 0 1 2 3 4 5; do
     timeout 200 $PY benchmarks/tune_kernels.py --warm-only --shard $i/6 > "$LOG/tune_warm_$i.log" 2>&1 &
   done
-  step gpu_kernel_tests 240 $PY -m pytest tests/kernels -q -p no:cacheprovider -n 6
+  step gpu_kernel_tests 240 $PY $PYTEST tests/kernels -n 6
   wait $build_pid; echo "=== build: rc=$?"; tail -n 5 "$LOG/build.log"
   wait
   # The C++ error-path test alone first: it segfaulted once on the GPU image (torch 2.11), which
   # would take the whole pytest process with it.
-  step gpu_pool_cpp_errors 60 $PY -m pytest tests/test_pooling.py -q -p no:cacheprovider -k test_op_validation_in_cpp
-  step gpu_pool_tests 90 $PY -m pytest tests/test_pooling.py -q -p no:cacheprovider -k "not test_op_validation_in_cpp"
+  step gpu_pool_cpp_errors 60 $PY $PYTEST tests/test_pooling.py -k test_op_validation_in_cpp
+  step gpu_pool_tests 90 $PY $PYTEST tests/test_pooling.py -k "not test_op_validation_in_cpp"
   step bench_pool 40 $PY benchmarks/bench_pool.py
   step tune_kernels 150 $PY benchmarks/tune_kernels.py
 fi

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install crformer with its compiled extension and test tools.
-# Idempotent: a second run only rebuilds what changed. Honours CRFORMER_BUILD_CUDA=0|1.
+# Create .venv (if missing) and install exactly requirements.lock (the tested set, torch included),
+# then crformer itself, editable, with its compiled extension. Idempotent: a second run only rebuilds
+# what changed. Honours CRFORMER_BUILD_CUDA=0|1. The lock is refreshed by scripts/lock.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-# torch first: the extension is built against it (--no-build-isolation), see docs/DESIGN.md §3.
-.venv/bin/python -m pip install -q torch
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+.venv/bin/python -c 'import sys; sys.version_info[:2] == (3, 11) or print(
+    f"setup.sh: requirements.lock was resolved for CPython 3.11; this is {sys.version.split()[0]}", file=sys.stderr)'
+# pip first (the lock's pip reads the lock), then every pinned package with no resolution left to do.
+.venv/bin/python -m pip install -q "$(grep -m1 '^pip==' requirements.lock)"
+.venv/bin/python -m pip install -q --no-deps -r requirements.lock
+# --no-build-isolation: the extension is built against the torch just installed (docs/DESIGN.md §3);
+# --no-deps: nothing beyond the lock.
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/python -m pip check
 .venv/bin/python -c "import crformer._C as c; print('crformer installed; extension CUDA kernels compiled in:', c.cuda_compiled())"
