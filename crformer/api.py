@@ -4,6 +4,7 @@
     seg = Segmenter.from_checkpoint("runs/default/best.pt")
     mask = seg("scene.jpg", "the red square on the left")   # bool H×W at the image's size
     masks = seg.batch([("a.jpg", "the star"), (pil_image, "the blue circle")])
+    seg.save_pretrained("shared/model")   # config.json + model.safetensors: Segmenter.from_pretrained
 
 ``predict`` and ``evaluate`` are thin command-line layers over this class.
 """
@@ -20,7 +21,7 @@ from PIL import Image
 from crformer.checkpoint import load_checkpoint, load_model_state
 from crformer.config import merge_config
 from crformer.data.dataset import image_to_tensor
-from crformer.data.image import load_image, to_rgb
+from crformer.data.image import INFERENCE_MAX_SIDE, load_image, to_rgb
 from crformer.engine import compile_mode, predict_logits, upsample_mask
 from crformer.errors import UserError
 from crformer.models import CRFormer
@@ -31,9 +32,10 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 def as_rgb_image(image: ImageLike) -> Image.Image:
     """A path, a PIL image or an H×W×3 uint8 array → 8-bit RGB PIL image (EXIF orientation applied
-    for files); anything else is a UserError naming what was given."""
+    for files, and a file over ``INFERENCE_MAX_SIDE`` px on a side downscaled on load: its mask comes
+    at that size); anything else is a UserError naming what was given."""
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, max_side=INFERENCE_MAX_SIDE)
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
@@ -69,16 +71,50 @@ class Segmenter:
         """Load a checkpoint (its config, text-encoder reference and weights; data-only loading).
         ``device``: default cuda when available, else cpu. ``overrides``: ``key=value`` config changes
         that do not change the model (e.g. ``model.attn_backend=sdpa``)."""
+        ckpt = load_checkpoint(path)
+        return cls._build(ckpt["config"], ckpt["model"], device, overrides)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
+                        overrides: Sequence[str] = ()) -> "Segmenter":
+        """Load a folder written by :meth:`save_pretrained` (or ``python -m crformer.export``):
+        ``config.json`` and ``model.safetensors`` (and ``text_encoder/``), each checked against the
+        digests config.json lists; JSON and safetensors only, no pickle. ``device``, ``overrides``: as
+        :meth:`from_checkpoint`."""
+        from crformer.pretrained import load_pretrained
+
+        cfg, state = load_pretrained(folder)
+        return cls._build(cfg, state, device, overrides)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             overrides: Sequence[str] = ()) -> "Segmenter":
+        """A training checkpoint file (:meth:`from_checkpoint`) or a folder written by
+        :meth:`save_pretrained` (:meth:`from_pretrained`): what ``--checkpoint`` accepts."""
+        if os.path.isdir(os.path.expanduser(path)):
+            return cls.from_pretrained(path, device, overrides)
+        return cls.from_checkpoint(path, device, overrides)
+
+    @classmethod
+    def _build(cls, saved_cfg: dict, state: dict, device: str | torch.device | None,
+               overrides: Sequence[str]) -> "Segmenter":
         from crformer.cli import parse_device
 
         device = device if isinstance(device, torch.device) else parse_device(device)
-        ckpt = load_checkpoint(path)
-        cfg = merge_config(ckpt["config"], overrides)
-        cfg["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
+        cfg = merge_config(saved_cfg, overrides)
+        cfg["model"]["backbone"]["weights"] = None  # the saved state holds the trained backbone
         model = CRFormer.from_config(cfg, device)
-        load_model_state(model, ckpt["model"])
+        load_model_state(model, state)
         tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
         return cls(model, cfg, tokenizer, device, batch_size=cfg["eval"]["batch_size"])
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the model to share: ``folder/config.json`` + ``model.safetensors`` (+ ``text_encoder/``
+        unless it is the embedded MiniLM, frozen), each file atomically (docs/DESIGN.md §9). A non-empty
+        ``folder`` must be an earlier export, which is replaced."""
+        from crformer.pretrained import save_pretrained
+
+        save_pretrained(getattr(self.model, "_orig_mod", self.model), self.cfg, folder)  # compiled: its module
 
     def __call__(self, image: ImageLike, sentence: str) -> np.ndarray:
         """One image and one sentence → bool H×W mask at the image's size."""

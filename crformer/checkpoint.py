@@ -9,21 +9,21 @@ tuples (see :func:`rng_state`).
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import os
 import pickle
 import random
 import re
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 import crformer
-from crformer.errors import UserError
+from crformer.errors import UserError, first_line
+from crformer.files import TEMP_PATTERN, atomic_write, regular_file
 
 
 def code_version() -> str:
@@ -36,42 +36,30 @@ def code_version() -> str:
     return f"{crformer.__version__}+{sha}" if sha else crformer.__version__
 
 
-#: Temp files of :func:`save_atomic` are ``.<name>.<random>.tmp`` beside the target.
-_TEMP_PATTERN = re.compile(r"^\..+\.pt\.[A-Za-z0-9_]+\.tmp$")
-
-
-def _file_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give (0666 less the umask); mkstemp gives 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` with torch.save to a temp file in the same folder, fsync, then rename over
-    ``path``: a kill mid-save leaves the previous file intact, never a truncated one. A full disk
-    or an unwritable folder is a UserError (the previous file stays as it was)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            kept = f"; the previous {path.name} is intact" if path.exists() else ""
-            reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-            raise UserError(f"cannot write checkpoint {path}: {reason}{kept}") from None
-        raise
+    """torch.save ``obj`` to ``path`` through :func:`~crformer.files.atomic_write`: a kill mid-save
+    leaves the previous file intact; a full disk or an unwritable folder is a UserError."""
+    with atomic_write(path, "checkpoint") as f:
+        torch.save(obj, f)
+
+
+def tensor_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors in ``state`` (key order): stored
+    with a checkpoint and checked on load, so a flipped or truncated tensor is an error, not a score."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
+    """:func:`save_atomic` of a checkpoint with the digest of its model tensors (``model_digest``)."""
+    save_atomic({**payload, "model_digest": tensor_digest(payload["model"])}, path)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
@@ -80,7 +68,7 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.is_file() and _TEMP_PATTERN.match(p.name)]
+    stale = [p for p in folder.iterdir() if p.is_file() and TEMP_PATTERN.match(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -100,9 +88,7 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
     A file whose pickle needs any other global (a class, ``os.system``...) is refused with a
     UserError naming that global, before anything in it runs. ``what`` names the file in messages
     ("checkpoint", "backbone weights")."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
+    p = regular_file(path, what)
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -111,22 +97,51 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
         if found:
             raise UserError(f"refusing to load {what} {p}: it asks for the Python object {found.group(1)}, and "
                             "only tensors and plain data are loaded (a file that needs code can run code)") from None
-        raise UserError(f"cannot read {what} {p}: {_first_line(e)}") from None
+        raise UserError(f"cannot read {what} {p}: {first_line(e)}") from None
     except Exception as e:  # truncated, not a torch file, wrong format
-        raise UserError(f"cannot read {what} {p}: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"cannot read {what} {p}: {first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+#: What ``--resume`` needs beyond the weights: (entry, what it must be, test).
+_RESUME_ENTRIES = (
+    ("optimizer", "a dict", lambda v: isinstance(v, dict)),
+    ("scheduler", "a dict", lambda v: isinstance(v, dict)),
+    ("step", "an integer ≥ 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    ("best", "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    ("rng", "a non-empty list of RNG states", lambda v: isinstance(v, list) and v and all(isinstance(x, dict)
+                                                                                          for x in v)),
+)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint to CPU (data only, see :func:`load_tensor_file`); UserError if missing,
-    unreadable, unsafe or not a CRFormer checkpoint."""
-    ckpt = load_tensor_file(path, "checkpoint")
+def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict:
+    """Load a checkpoint to CPU (data only, see :func:`load_tensor_file`) and check it before it is
+    used: UserError if missing, unreadable, unsafe, not a CRFormer checkpoint, corrupted (its tensors
+    do not match the digest written with them), holding non-finite weights, or — with ``resume`` —
+    lacking what continuing a run needs."""
+    p = Path(path).expanduser()
+    ckpt = load_tensor_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{Path(path).expanduser()} is not a CRFormer checkpoint (no model/config entries)")
+        raise UserError(f"{p} is not a CRFormer checkpoint (no model/config entries)")
+    model, config = ckpt["model"], ckpt["config"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        raise UserError(f"checkpoint {p}: 'model' is not a mapping of names to tensors")
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise UserError(f"checkpoint {p}: 'config' is not a config (a mapping of sections)")
+    stored = ckpt.get("model_digest")
+    if stored is not None and stored != tensor_digest(model):
+        raise UserError(f"checkpoint {p} is corrupted: its weights do not match the digest written with them")
+    bad = next((k for k, v in model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"checkpoint {p} holds non-finite weights (NaN or inf) in {bad}; a diverged run cannot "
+                        "give meaningful masks")
+    if resume:
+        for entry, what, ok in _RESUME_ENTRIES:
+            if entry not in ckpt:
+                raise UserError(f"checkpoint {p} cannot be resumed: it has no {entry!r} entry (evaluate and predict "
+                                "still load it)")
+            if not ok(ckpt[entry]):
+                raise UserError(f"checkpoint {p} cannot be resumed: {entry!r} must be {what}")
     return ckpt
 
 

@@ -60,6 +60,8 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> 
     p = Path(path).expanduser()
     if p.exists() and p.is_dir() != folder:
         raise UserError(f"{what} {p} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
+    if not folder and p.exists() and not p.is_file():  # a device or a FIFO: writing would hang or vanish
+        raise UserError(f"{what} {p} exists and is not a regular file")
     probe = p if folder and p.exists() else p.parent
     while not probe.exists():
         probe = probe.parent
@@ -96,8 +98,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what batch schedulers send), raised where the process is, so it unwinds like Ctrl-C."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum, frame) -> None:
+    """The first Ctrl-C or SIGTERM unwinds the run; later ones are ignored, so a second Ctrl-C a few ms
+    later cannot interrupt the cleanup and print a traceback (``kill -9`` still ends it)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def run(main, argv=None) -> None:
@@ -105,7 +114,7 @@ def run(main, argv=None) -> None:
     SIGTERM unwind the same way (temp files removed, process group closed), exit 130 / 143."""
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS} if on_main_thread else {}
     status = 0
     try:
         main(argv)
@@ -124,8 +133,9 @@ def run(main, argv=None) -> None:
         traceback.print_exc()
         status = 1
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if status not in (130, 143):  # after a stop signal, stay deaf to the next one until exit
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if _torchrun_worker():
         _exit_torchrun_worker(status)
     if status:

@@ -9,6 +9,9 @@ Values given on the command line are parsed as YAML scalars (``model.num_queries
 from __future__ import annotations
 
 import copy
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from crformer.ops.attention import BACKENDS
 
 DEFAULTS: dict[str, Any] = {
     "data": {
+        "format": "refer",             # refer (REFER folder) | hf-parquet (a Hugging Face parquet release)
         "dataset": "synthetic",        # refcoco | refcoco+ | refcocog | synthetic | any REFER folder
         "root": None,                  # REFER root; synthetic: generated into cache_dir when null
         "split_by": "unc",             # unc | umd | google
@@ -102,24 +106,59 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
     for key, value in update.items():
         path = f"{prefix}{key}"
         if key not in base:
-            raise UserError(f"unknown config key '{path}'")
+            raise UserError(f"unknown config key {quote(path)}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise UserError(f"config key '{path}' is a section; got {value!r}")
+                raise UserError(f"config key '{path}' is a section; got {quote(value)}")
             _merge(base[key], value, path + ".")
         else:
             base[key] = value
 
 
+def quote(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error lines stay one short line whatever the value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+#: A config file larger than this is not a config (the defaults fit in 4 KiB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for configs: anchors and aliases are refused (nested aliases expand a few hundred bytes
+    into gigabytes), and so is a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.YAMLError(f"anchors and aliases are not allowed in configs (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.YAMLError(f"key {quote(key)} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML with :class:`_StrictLoader`; errors are ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> dict:
     """``a.b.c=value`` → ``{'a': {'b': {'c': value}}}`` with the value parsed as YAML."""
     if "=" not in text:
-        raise UserError(f"override must look like key=value, got '{text}'")
+        raise UserError(f"override must look like key=value, got {quote(text)}")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = load_yaml(raw) if raw else None
     except yaml.YAMLError as e:
-        raise UserError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"override {quote(text)}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; the user meant a number
         try:
             value = float(value)
@@ -134,20 +173,38 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML config file; UserError if it is missing, not a regular file (a FIFO would
+    block), too large, not UTF-8, not valid strict YAML (:class:`_StrictLoader`) or not a mapping."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise UserError(f"config file not found: {p}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"config file {p} is not a regular file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {p} is {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        data = load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping at top level")
+    return data
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
     """Defaults ← YAML file ``path`` ← overrides; returns a fresh nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping at top level")
-        _merge(cfg, data)
+        _merge(cfg, read_config_file(path))
     for o in overrides:
         _merge(cfg, parse_override(o))
     validate_config(cfg)
@@ -159,17 +216,45 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
 PRE_KEY_VALUES: dict = {("model", "mask_stride"): 4}
 
 
-def merge_config(cfg: dict, overrides: list[str] | tuple = ()) -> dict:
-    """A copy of ``cfg`` (e.g. from a checkpoint) with ``key=value`` overrides applied. Keys the saved
-    config lacks take the current defaults, except :data:`PRE_KEY_VALUES`, which take the value
-    that rebuilds the model as it was before the key existed."""
+#: Where a run writes: never taken from a checkpoint's config (a file someone handed over must not
+#: choose where files land); the defaults, the folder given by the caller, or the user's overrides.
+WRITE_PATH_KEYS = (("train", "out_dir"), ("data", "cache_dir"))
+#: How much data a run generates: a checkpoint's value above the default is used only when the user
+#: passes it again (a checkpoint could otherwise ask for hours of generation).
+GENERATED_SIZE_KEYS = (("data", "synthetic", "train_images"), ("data", "synthetic", "eval_samples"))
+
+
+def _get(cfg: dict, keys: tuple) -> Any:
+    for k in keys:
+        cfg = cfg.get(k, {}) if isinstance(cfg, dict) else {}
+    return cfg
+
+
+def merge_config(cfg: dict, overrides: list[str] | tuple = (), out_dir: str | None = None) -> dict:
+    """The config of a checkpoint, ``cfg``, made safe to run: keys it lacks take the current defaults
+    (except :data:`PRE_KEY_VALUES`, which rebuild the model as it was before the key existed), the
+    folders it would write to (:data:`WRITE_PATH_KEYS`) are the defaults, or ``out_dir`` for
+    ``train.out_dir``, generated-data sizes above the defaults (:data:`GENERATED_SIZE_KEYS`) must be
+    passed again, and ``key=value`` overrides apply last."""
     out = copy.deepcopy(DEFAULTS)
     for (section, key), value in PRE_KEY_VALUES.items():
         if key not in cfg.get(section, {}):
             out[section][key] = value
     _merge(out, copy.deepcopy(cfg))
-    for o in overrides:
-        _merge(out, parse_override(o))
+    for section, key in WRITE_PATH_KEYS:
+        out[section][key] = DEFAULTS[section][key]
+    if out_dir is not None:
+        out["train"]["out_dir"] = str(out_dir)
+    given = [parse_override(o) for o in overrides]
+    for o in given:
+        _merge(out, o)
+    for keys in GENERATED_SIZE_KEYS:
+        value, default = _get(out, keys), _get(DEFAULTS, keys)
+        passed = any(_get(o, keys[:-1]) and keys[-1] in _get(o, keys[:-1]) for o in given)
+        if _is_num(value) and value > default and not passed:
+            name = ".".join(keys)
+            raise UserError(f"the checkpoint's config asks for {name}={quote(value)} (default {default}); pass "
+                            f"{name}={quote(value)} to generate that many")
     validate_config(out)
     return out
 
@@ -184,12 +269,16 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN fails
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int(lo: int, hi: int | None = None):
-    what = f"an integer ≥ {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-    return what, lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi)
+#: The bound of an integer setting that has no smaller one of its own (a count, a size, a seed).
+INT_MAX = 2**31 - 1
+
+
+def _int(lo: int, hi: int = INT_MAX):
+    what = f"an integer ≥ {lo}" if hi == INT_MAX else f"an integer in [{lo}, {hi}]"
+    return what, lambda v: _is_int(v) and lo <= v <= hi
 
 
 def _num(lo: float, strict: bool = False, hi: float | None = None):
@@ -214,17 +303,21 @@ def _list_of(rule, min_len: int = 1):
 
 _BOOL = ("true or false", lambda v: isinstance(v, bool))
 _NAME = ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "" and v.strip() == v)
-_PATH = ("a non-empty path", lambda v: isinstance(v, str) and v.strip() != "")
+_PATH = ("a non-empty path of at most 4096 characters, each part at most 255",
+         lambda v: isinstance(v, str) and v.strip() != "" and len(v) <= 4096
+         and all(len(part) <= 255 for part in v.split("/")))
 
 RULES: dict[str, tuple] = {
+    "data.format": _one_of("refer", "hf-parquet"),
     "data.dataset": _NAME, "data.root": _optional(_PATH), "data.split_by": _NAME, "data.train_split": _NAME,
     "data.val_splits": _list_of(_NAME), "data.test_splits": _list_of(_NAME, 0),
-    "data.image_size": ("a multiple of 32, at least 32 (Swin's coarsest stage has stride 32)",
-                        lambda v: _is_int(v) and v >= 32 and v % 32 == 0),
+    "data.image_size": ("a multiple of 32 in [32, 4096] (Swin's coarsest stage has stride 32)",
+                        lambda v: _is_int(v) and 32 <= v <= 4096 and v % 32 == 0),
     "data.max_tokens": _int(3, 512), "data.image_dir": _optional(_PATH), "data.cache_dir": _PATH,
     "data.preload": _BOOL, "data.num_workers": _int(0),
-    "data.synthetic.seed": _int(0), "data.synthetic.size": _int(16), "data.synthetic.train_images": _int(1),
-    "data.synthetic.eval_samples": _int(1),
+    # Generated data: bounded so that no config (a checkpoint's included) asks for days of generation.
+    "data.synthetic.seed": _int(0), "data.synthetic.size": _int(16, 1024),
+    "data.synthetic.train_images": _int(1, 1_000_000), "data.synthetic.eval_samples": _int(1, 100_000),
     "model.text_encoder": _PATH, "model.text_finetune": _BOOL, "model.text_trainable_layers": _int(-1),
     "model.backbone.name": _NAME, "model.backbone.embed_dim": _optional(_int(1)),
     "model.backbone.depths": _optional(_list_of(_int(1), 4)), "model.backbone.num_heads": _optional(_list_of(_int(1), 4)),
@@ -265,7 +358,7 @@ def validate_config(cfg: dict) -> None:
     for key, value in _leaves(cfg):
         what, ok = RULES[key]
         if not ok(value):
-            raise UserError(f"config {key} must be {what}; got {value!r}")
+            raise UserError(f"config {key} must be {what}; got {quote(value)}")
     d = cfg["data"]
     overlap = sorted(set(d["val_splits"]) & set(d["test_splits"]) | {d["train_split"]} & set(d["test_splits"]))
     if overlap:

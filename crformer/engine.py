@@ -110,11 +110,12 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
                 # LAVT's test.py: the prediction at S×S, the ground truth resized to S×S by PIL nearest.
                 lavt.update(upsample_mask(logits[b], (size, size)), resize_mask_nearest(gt, size))
             if vis_left > 0 and vis_dir:
+                from crformer.files import path_part
                 from crformer.visualize import save_side_by_side
 
                 Path(vis_dir).mkdir(parents=True, exist_ok=True)
                 save_side_by_side(load_sample_image(s), pred, gt, s.sentence,
-                                  str(Path(vis_dir) / f"{split}_{i:05d}.png"), iou)
+                                  str(Path(vis_dir) / f"{path_part(split)}_{i:05d}.png"), iou)
                 vis_left -= 1
         pairs = [(b, i, partner[i]) for b, i in enumerate(idx) if i in partner]
         if pairs:

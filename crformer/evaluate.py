@@ -12,6 +12,7 @@ from pathlib import Path
 
 from crformer.cli import check_writable, parser, quiet_libraries, run
 from crformer.errors import UserError
+from crformer.files import write_bytes_atomic
 
 
 def split_names(text: str) -> list[str]:
@@ -24,7 +25,7 @@ def split_names(text: str) -> list[str]:
 
 def main(argv=None) -> None:
     p = parser("python -m crformer.evaluate", __doc__)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt) or a save_pretrained folder")
     p.add_argument("--split", default=None, help="split name(s), comma-separated (default: the config's val splits)")
     p.add_argument("--protocol", choices=("original", "lavt"), default=None,
                    help="original: prediction resized to the image size (default); lavt: also at S×S")
@@ -52,18 +53,20 @@ def main(argv=None) -> None:
 
     rank, world, device = init_distributed()
     try:
-        seg = Segmenter.from_checkpoint(a.checkpoint, a.device or device, a.overrides)
+        seg = Segmenter.load(a.checkpoint, a.device or device, a.overrides)
         cfg = seg.cfg
         protocol = a.protocol or cfg["eval"]["protocol"]
         refer = open_refer(cfg)
         splits = splits or cfg["data"]["val_splits"]
         refer.check_splits(splits)
+        if is_main():
+            refer.check_images(splits, progress=True)
         results = {s: evaluate_split(seg.model, refer, s, cfg, seg.tokenizer, seg.device, protocol, a.language_check,
                                      rank, world, a.save_vis, vis_dir, progress=is_main())
                    for s in splits}
         if is_main():
-            out.write_text(json.dumps({"checkpoint": str(a.checkpoint), "protocol": protocol, "results": results},
-                                      indent=1))
+            report = {"checkpoint": str(a.checkpoint), "protocol": protocol, "results": results}
+            write_bytes_atomic(out, json.dumps(report, indent=1).encode(), "--out")
             print(f"{cfg['data']['dataset']} ({cfg['data']['split_by']}), protocol {protocol}; values in %")
             print(format_table(report_rows(results)))
             for line in language_check_lines(results):

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from crformer.checkpoint import (code_version, load_checkpoint, load_model_state, model_state, remove_stale_temp_files,
-                                 rng_state, save_atomic, set_rng_state)
+                                 rng_state, save_checkpoint, set_rng_state)
 from crformer.cli import check_writable, config_args, parser, quiet_libraries, run
 from crformer.config import load_config, merge_config
 from crformer.data import open_refer
+from crformer.files import append_line, write_bytes_atomic
 from crformer.data.dataset import Collate, RefDataset
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
 from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
@@ -65,12 +67,17 @@ def param_groups(model: torch.nn.Module, cfg: dict) -> list:
     return list(groups.values())
 
 
-def poly_with_warmup(total: int, warmup: int, power: float):
-    """LR factor: linear warm-up over ``warmup`` steps, then (1 − progress)^power."""
+def poly_with_warmup(total: int, warmup: int, power: float, hold: float = 0.0):
+    """LR factor: linear warm-up over ``warmup`` steps, the peak held until ``hold`` × ``total`` steps
+    (0: not held, the paper's schedule), then (1 − progress)^power over the steps left."""
+    start = max(warmup, round(hold * total))
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
+        if step < start:
+            return 1.0
+        return max(0.0, 1 - (step - start) / max(1, total - start)) ** power
     return f
 
 
@@ -105,7 +112,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: dict, resume: str | None = None):
         self.rank, self.world, self.device = init_distributed()
-        ckpt = load_checkpoint(resume) if resume else None
+        ckpt = load_checkpoint(resume, resume=True) if resume else None
         self.cfg = cfg
         t = cfg["train"]
         if t["cuda_graphs"] and self.device.type != "cuda":
@@ -128,6 +135,8 @@ class Trainer:
             self.refer = open_refer(cfg)
         d = cfg["data"]
         self.refer.check_splits([d["train_split"], *d["val_splits"], *d["test_splits"]])
+        if is_main():
+            self.refer.check_images([d["train_split"], *d["val_splits"], *d["test_splits"]], progress=True)
         self.train_set = RefDataset(self.refer, cfg["data"]["train_split"], cfg["data"]["image_size"], train=True,
                                     seed=t["seed"], preload=cfg["data"]["preload"])
         if len(self.train_set) == 0:
@@ -176,7 +185,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temp_files(self.out):
                 print(f"removed {stale.name}, left by an interrupted checkpoint write", flush=True)
-            (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
+            write_bytes_atomic(self.out / "config.json", json.dumps(cfg, indent=1).encode(), "run config")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, name: str, metrics: dict | None = None) -> None:
@@ -187,7 +196,7 @@ class Trainer:
             states = gathered
         if not is_main():
             return
-        save_atomic({
+        save_checkpoint({
             "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best, "rng": states,
             "history": self.history, "config": self.cfg, "metrics": metrics, "version": code_version(),
@@ -196,8 +205,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if is_main():
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out / "log.jsonl", json.dumps(record), "training log")
 
     # ------------------------------------------------------------------ loop
     def evaluate(self, splits: list, language_check: bool = False, progress: bool = False) -> dict:
@@ -297,8 +305,8 @@ class Trainer:
         sections = {"validation": self.evaluate(d["val_splits"], e["language_check"], progress=is_main()),
                     "test": self.evaluate(d["test_splits"], e["language_check"], progress=is_main())}
         if is_main():
-            (self.out / "metrics.json").write_text(json.dumps({**sections["validation"], **sections["test"]},
-                                                              indent=1))
+            metrics = json.dumps({**sections["validation"], **sections["test"]}, indent=1)
+            write_bytes_atomic(self.out / "metrics.json", metrics.encode(), "metrics file")
             for heading, results in sections.items():
                 if not results:
                     continue
@@ -319,7 +327,9 @@ def main(argv=None) -> None:
     if a.resume:
         if a.config:
             raise UserError("--resume continues with the checkpoint's config; pass overrides, not --config")
-        cfg = merge_config(load_checkpoint(a.resume)["config"], a.overrides)
+        # A resumed run writes beside the checkpoint the user named, not where its config says.
+        cfg = merge_config(load_checkpoint(a.resume, resume=True)["config"], a.overrides,
+                           out_dir=str(Path(a.resume).expanduser().parent))
     else:
         cfg = load_config(a.config, a.overrides)
     trainer = Trainer(cfg, resume=a.resume)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from crformer.files import atomic_write
+
 
 def overlay(image: Image.Image, mask: np.ndarray, color=(255, 40, 40), alpha: float = 0.5) -> Image.Image:
     """Blend ``color`` over the pixels of ``mask`` (bool H×W at the image's size)."""
@@ -12,6 +14,11 @@ def overlay(image: Image.Image, mask: np.ndarray, color=(255, 40, 40), alpha: fl
     m = mask.astype(bool)[..., None]
     out = np.where(m, (1 - alpha) * arr + alpha * np.array(color, dtype=np.float32), arr)
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def mask_picture(mask: np.ndarray) -> Image.Image:
+    """A bool H×W mask as a greyscale picture: 255 inside, 0 outside."""
+    return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
 def save_side_by_side(image: Image.Image, pred: np.ndarray, gt: np.ndarray, sentence: str, path: str,
@@ -31,5 +38,8 @@ def save_side_by_side(image: Image.Image, pred: np.ndarray, gt: np.ndarray, sent
         ax.axis("off")
     fig.suptitle(f'"{sentence}"', fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "picture") as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,30 @@ def skip_unless_backend_runs(name: str, device="cpu", native: bool = False) -> N
     why = backend.unavailable(device)
     if why is not None:
         pytest.skip(f"attention backend {name!r} {why}")
+
+
+def mixed_mask_checkpoint(out_dir: Path, data_cache: str, *extra: str) -> Path:
+    """``out_dir/last.pt``: the tiny model after one training step, its mask logits shifted up by 0.5
+    (the refinement conv's bias) so that its masks cover part of each image; one step alone leaves
+    every logit below 0, and comparisons of empty masks would prove nothing."""
+    from crformer import train
+    from crformer.checkpoint import load_checkpoint, save_checkpoint
+    from crformer.cli import run
+
+    run(train.main, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={out_dir}", "train.epochs=1",
+                                  "train.max_steps=1", "eval.language_check=false", *extra])
+    path = Path(out_dir) / "last.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["mask_head.refine.1.bias"] += 0.5
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` × ``height`` pixels, with no pixel data: a huge image in a few
+    bytes (the loader must refuse it from the header, before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))

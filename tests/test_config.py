@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from crformer.config import DEFAULTS, load_config, merge_config, parse_override
 from crformer.errors import UserError
@@ -66,3 +67,33 @@ def test_checkpoint_config_without_a_later_key_rebuilds_the_old_model():
     assert merge_config(saved)["model"]["mask_stride"] == 4
     assert merge_config(saved, ["model.mask_stride=2"])["model"]["mask_stride"] == 2
     assert merge_config(load_config())["model"]["mask_stride"] == DEFAULTS["model"]["mask_stride"]
+
+
+def test_yaml_refuses_aliases_and_repeated_keys_and_quotes_short():
+    from crformer.config import load_yaml, quote
+
+    for text in ("a: &x 1\nb: *x\n", "a: 1\na: 2\n", "s:\n  k: 1\ns:\n  j: 2\n"):
+        with pytest.raises(yaml.YAMLError):
+            load_yaml(text)
+    assert load_yaml("a: [1, 2]\nb: {c: 3}\n") == {"a": [1, 2], "b": {"c": 3}}
+    assert len(quote("x" * 10**6)) < 100 and quote("short") == "'short'"
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=nan", "loss.aux_weight=-.inf",
+                                      "train.epochs=99999999999", "data.synthetic.eval_samples=1000000"])
+def test_numbers_are_finite_and_bounded(override):
+    with pytest.raises(UserError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_a_checkpoint_config_chooses_neither_folders_nor_sizes():
+
+
+    saved = load_config(None, ["train.out_dir=/elsewhere/run", "data.cache_dir=/elsewhere/cache",
+                               "data.synthetic.train_images=5000"])
+    with pytest.raises(UserError, match="data.synthetic.train_images=5000"):
+        merge_config(saved)
+    cfg = merge_config(saved, ["data.synthetic.train_images=5000"], out_dir="here")
+    assert cfg["train"]["out_dir"] == "here" and cfg["data"]["cache_dir"] == DEFAULTS["data"]["cache_dir"]
+    small = load_config(None, ["data.synthetic.train_images=24"])
+    assert merge_config(small)["data"]["synthetic"]["train_images"] == 24

@@ -8,8 +8,10 @@ in them runs. Interrupted checkpoint writes leave nothing behind and resume exac
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,11 +25,11 @@ import torch
 from PIL import Image
 
 from crformer import train
-from crformer.checkpoint import load_checkpoint, save_atomic
+from crformer.checkpoint import load_checkpoint, save_atomic, tensor_digest
 from crformer.cli import run
 from crformer.config import load_config
 from crformer.errors import UserError
-from tests.helpers import REPO, TINY_MODEL, train_losses
+from tests.helpers import REPO, TINY_MODEL, png_header_only, train_losses
 from tests.helpers import python_m as run_module
 
 def python_m(module: str, *args: str, warnings: str = "ignore") -> subprocess.CompletedProcess:
@@ -54,11 +56,103 @@ def world(tmp_path_factory, data_cache):
     (ws / "a_file").write_text("not a folder")
     (ws / "bert").mkdir()
     (ws / "bert" / "config.json").write_text("{}")
+    hostile_files(ws)
     return {"dir": ws, "cache": data_cache, "ckpt": str(ws / "run" / "best.pt"), "last": str(ws / "run" / "last.pt"),
             "img": str(ws / "img.png")}
 
 
+#: One REFER dataset per defect under {ws}/bad: (name, change to the valid ref, change to instances).
+BAD_DATASETS = {
+    "poly3": (None, {"segmentation": [[1, 2, 3]]}),
+    "poly7": (None, {"segmentation": [[1, 1, 9, 1, 9, 9, 1]]}),
+    "polynan": (None, {"segmentation": [[float("nan"), 1, 9, 1, 9, 9]]}),
+    "poly1e30": (None, {"segmentation": [[1e30, 1, 9, 1, 9, 9]]}),
+    "rle2p33": (None, {"segmentation": {"size": [30, 40], "counts": [2**33]}}),
+    "rlesize": (None, {"segmentation": {"size": [40, 30], "counts": [1200]}}),
+    "otherimage": ({"image_id": 2}, None),
+    "refidabc": ({"ref_id": "abc"}, None),
+    "hugeimage": (None, {"image": {"height": 100000, "width": 100000}}),
+    "imagesstr": (None, {"images": "abc"}),
+    "dotdot": (None, {"image": {"file_name": "../../a.png"}}),
+    "noimage": (None, {"image": {"file_name": "missing.png"}}),
+    "emptyimage": (None, {"image": {"file_name": "empty.png"}}),
+    "sizeoff": (None, {"image": {"height": 31}}),
+}
+
+
+def bad_refer(root: Path, name: str, ref_change: dict | None, inst_change: dict | None) -> None:
+    from crformer.data.refer import write_refer
+
+    images = [{"id": 1, "file_name": "a.png", "height": 30, "width": 40},
+              {"id": 2, "file_name": "a.png", "height": 30, "width": 40}]
+    ann = {"id": 7, "image_id": 1, "category_id": 1, "segmentation": [[2.0, 2.0, 20.0, 2.0, 20.0, 20.0, 2.0, 20.0]]}
+    ref = {"ref_id": 1, "ann_id": 7, "image_id": 1, "split": "train",
+           "sentences": [{"sent_id": 1, "raw": "the box", "sent": "the box", "tokens": ["the", "box"]}]}
+    inst_change = dict(inst_change or {})
+    images[0].update(inst_change.pop("image", {}))
+    ann.update({k: inst_change.pop(k) for k in ("segmentation",) if k in inst_change})
+    ref.update(ref_change or {})
+    write_refer(str(root), name, "unc", [ref], {"images": images, "annotations": [ann], "categories": [],
+                                                **inst_change})
+    image_dir = root / "images" / name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30)).save(image_dir / "a.png")
+    (image_dir / "empty.png").write_bytes(b"")
+
+
+def deep_pickle(depth: int) -> bytes:
+    """A pickle of lists nested ``depth`` deep, written opcode by opcode (pickle.dumps itself would
+    recurse too deep)."""
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
+def hostile_files(ws: Path) -> None:
+    """Configs, data, checkpoints, images and text-encoder folders that must each end in one line."""
+    (ws / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                                  "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n")
+    (ws / "dupkey.yaml").write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    (ws / "dupsection.yaml").write_text("train:\n  epochs: 2\nmodel:\n  lrm: true\ntrain:\n  lr: 0.1\n")
+    (ws / "latin1.yaml").write_bytes("train:\n  out_dir: caf\xe9\n".encode("latin-1"))
+    (ws / "inf.yaml").write_text("train:\n  lr: .inf\n")
+    os.mkfifo(ws / "fifo")
+    os.symlink("/dev/full", ws / "full.png")  # an output name that leads to a device
+    png_header_only(ws / "huge.png", 100000, 100000)
+    bad = ws / "bad"
+    for name, (ref_change, inst_change) in BAD_DATASETS.items():
+        bad_refer(bad, name, ref_change, inst_change)
+    bad_refer(bad, "deeprefs", None, None)
+    (bad / "deeprefs" / "refs(unc).p").write_bytes(deep_pickle(10000))
+    ckpt = torch.load(ws / "run" / "best.pt", weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    variants = {
+        "corrupt": lambda c: c["model"][name].view(-1)[0].add_(1.0),
+        "nan": lambda c: (c["model"][name].view(-1)[0].fill_(float("nan")),
+                          c.update(model_digest=tensor_digest(c["model"]))),
+        "cfgstr": lambda c: c.update(config="abc"),
+        "noopt": lambda c: c.pop("optimizer"),
+        "stepabc": lambda c: c.update(step="abc"),
+        "bigeval": lambda c: c["config"]["data"]["synthetic"].update(eval_samples=50000),
+    }
+    for variant, change in variants.items():
+        c = torch.load(ws / "run" / "best.pt", weights_only=True)
+        change(c)
+        torch.save(c, ws / f"{variant}.pt")
+    from crformer.models.text_encoder import resolve_text_encoder_path
+
+    minilm = resolve_text_encoder_path("minilm")
+    (ws / "automap").mkdir()
+    (ws / "automap" / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}))
+    (ws / "automap" / "model.safetensors").write_bytes(b"")
+    (ws / "picklebin").mkdir()
+    for f in minilm.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy(f, ws / "picklebin" / f.name)
+    torch.save({"embeddings.word_embeddings.weight": Payload(ws / "EXECUTED")}, ws / "picklebin" / "pytorch_model.bin")
+
+
 T, P, E = "train", "predict", "evaluate"
+#: Train on a one-ref dataset of {ws}/bad (BAD_DATASETS) instead of the synthetic one.
+REFER_TRAIN = ["data.split_by=unc", "data.train_split=train", "data.val_splits=[train]", "train.batch_size=1"]
 # (family, cli, arguments with {ws} {ck} {last} {img} {cache} filled in, text the line must hold)
 BAD_INPUT = [
     ("config range", T, ["train.epochs=0"], "train.epochs"),
@@ -108,6 +202,52 @@ BAD_INPUT = [
     ("evaluate", E, ["--checkpoint", "{ck}", "--out", "{ws}/a_file/e.json"], "a_file"),
     ("evaluate", E, ["--checkpoint", "{ck}", "eval.batch_size=0"], "eval.batch_size"),
     ("device", E, ["--checkpoint", "{ck}", "--device", "cuda:99"], "cuda:99"),
+    # Harmful or hanging: bounded before the work starts.
+    ("yaml aliases", T, ["--config", "{ws}/bomb.yaml"], "aliases"),
+    ("yaml aliases", T, ["train.amp=&a [x]"], "aliases"),
+    ("huge value", T, ["train.amp=" + "x" * 100000], "train.amp"),
+    ("huge value", T, ["x" * 100000 + "=1"], "unknown config key"),
+    ("generate", T, ["data.synthetic.train_images=100000000"], "data.synthetic.train_images"),
+    ("generate", E, ["--checkpoint", "{ws}/bigeval.pt"], "data.synthetic.eval_samples=50000"),
+    ("huge image", P, ["--checkpoint", "{ck}", "--image", "{ws}/huge.png", "--text", "x"], "limit"),
+    ("huge image", T, ["data.root={ws}/bad", "data.dataset=hugeimage", *REFER_TRAIN], "limit"),
+    ("fifo", P, ["--checkpoint", "{ck}", "--image", "{ws}/fifo", "--text", "x"], "not a regular file"),
+    ("fifo", T, ["--config", "{ws}/fifo"], "not a regular file"),
+    ("fifo", E, ["--checkpoint", "{ws}/fifo"], "not a regular file"),
+    ("device output", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "x", "--out", "{ws}/full.png"],
+     "not a regular file"),
+    # Silent wrong answers: refused.
+    ("integrity", E, ["--checkpoint", "{ws}/corrupt.pt"], "corrupted"),
+    ("integrity", P, ["--checkpoint", "{ws}/corrupt.pt", "--image", "{img}", "--text", "x"], "corrupted"),
+    ("integrity", E, ["--checkpoint", "{ws}/nan.pt"], "non-finite"),
+    ("yaml duplicates", T, ["--config", "{ws}/dupkey.yaml"], "'epochs' is given twice"),
+    ("yaml duplicates", T, ["--config", "{ws}/dupsection.yaml"], "'train' is given twice"),
+    ("polygon", T, ["data.root={ws}/bad", "data.dataset=poly3", *REFER_TRAIN], "odd number"),
+    ("polygon", T, ["data.root={ws}/bad", "data.dataset=poly7", *REFER_TRAIN], "odd number"),
+    ("ref", T, ["data.root={ws}/bad", "data.dataset=otherimage", *REFER_TRAIN], "its annotation 7 is on image 1"),
+    # Crashes and tracebacks: one line instead.
+    ("polygon", T, ["data.root={ws}/bad", "data.dataset=polynan", *REFER_TRAIN], "not finite"),
+    ("polygon", T, ["data.root={ws}/bad", "data.dataset=poly1e30", *REFER_TRAIN], "not finite"),
+    ("rle", T, ["data.root={ws}/bad", "data.dataset=rle2p33", *REFER_TRAIN], "RLE counts"),
+    ("refs", T, ["data.root={ws}/bad", "data.dataset=deeprefs", *REFER_TRAIN], "deeper"),
+    ("refs", T, ["data.root={ws}/bad", "data.dataset=refidabc", *REFER_TRAIN], "ref_id must be an integer"),
+    ("instances", T, ["data.root={ws}/bad", "data.dataset=imagesstr", *REFER_TRAIN], "'images' must be a list"),
+    ("instances", T, ["data.root={ws}/bad", "data.dataset=dotdot", *REFER_TRAIN], "relative path"),
+    ("config value", T, ["train.lr=.inf"], "train.lr"),
+    ("config value", T, ["--config", "{ws}/inf.yaml"], "train.lr"),
+    ("config value", T, ["train.out_dir=" + "d" * 5000], "train.out_dir"),
+    ("config file", T, ["--config", "{ws}/latin1.yaml"], "not UTF-8"),
+    ("checkpoint", E, ["--checkpoint", "{ws}/cfgstr.pt"], "'config' is not a config"),
+    ("resume", T, ["--resume", "{ws}/noopt.pt"], "no 'optimizer' entry"),
+    ("resume", T, ["--resume", "{ws}/stepabc.pt"], "'step' must be an integer"),
+    ("text encoder", T, ["model.text_encoder={ws}/automap"], "its own code"),
+    ("text encoder", T, ["model.text_encoder={ws}/picklebin"], "cannot load the text encoder weights"),
+    ("cache", T, ["data.cache_dir={ws}/a_file/cache"], "data.cache_dir"),
+    # Late: found before the first step.
+    ("images up front", T, ["data.root={ws}/bad", "data.dataset=noimage", *REFER_TRAIN], "image not found"),
+    ("images up front", T, ["data.root={ws}/bad", "data.dataset=emptyimage", *REFER_TRAIN], "empty.png"),
+    ("images up front", T, ["data.root={ws}/bad", "data.dataset=sizeoff", *REFER_TRAIN], "says 40×31"),
+    ("rle", T, ["data.root={ws}/bad", "data.dataset=rlesize", *REFER_TRAIN], "RLE size"),
 ]
 
 
@@ -125,7 +265,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, family, cli, ar
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert "Traceback" not in proc.stderr and needle in err[0], err[0]
+    assert len(err[0]) < 400, err[0][:600]
     assert snapshot(ws) == before
+    assert not (ws / "EXECUTED").exists()
     assert not (ws / "run2").exists()
 
 
@@ -252,7 +394,54 @@ def test_kill_9_during_a_checkpoint_write_then_resume_exactly(world, tmp_path):
     assert train_losses(part)[3] == pytest.approx(train_losses(full)[3], rel=1e-6, abs=1e-7)
 
 
-def test_sigterm_stops_training_like_ctrl_c(world, tmp_path):
+# ---------------------------------------------------------------- confinement and faults
+def test_resume_and_evaluate_write_where_the_user_says_not_where_the_checkpoint_says(world, tmp_path):
+    """A checkpoint handed over from elsewhere names its own out_dir and cache_dir: neither is written."""
+    base = [o for o in tiny_args(world["cache"], tmp_path / "x") if not o.startswith("train.out_dir")]
+    origin = tmp_path / "origin"
+    run(train.main, base + [f"train.out_dir={origin}", "train.epochs=2", "train.max_steps=1",
+                            "eval.language_check=false"])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(origin / "last.pt", moved / "last.pt")
+    before = snapshot(origin)
+    run(train.main, ["--resume", str(moved / "last.pt"), "train.max_steps=2"])
+    assert snapshot(origin) == before
+    assert load_checkpoint(moved / "last.pt")["step"] == 2 and (moved / "log.jsonl").is_file()
+
+
+def test_picture_names_from_split_names_stay_in_the_picture_folder(world, tmp_path):
+    bad_refer(tmp_path / "data", "escape", {"split": "../../val"}, None)
+    proc = python_m(E, "--checkpoint", world["ckpt"], "--split", "../../val", "--save-vis", "1",
+                    "--out", str(tmp_path / "out" / "e.json"), f"data.root={tmp_path / 'data'}",
+                    "data.dataset=escape", "data.split_by=unc")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pictures = [p for p in tmp_path.rglob("*.png") if "images" not in p.parts]
+    assert pictures and all(p.parent == tmp_path / "out" / "e_vis" for p in pictures), pictures
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tmp_path):
+    """A real failed write, not a mock: the file-size limit makes write() fail with EFBIG inside
+    torch's zip writer, which reports it as a RuntimeError ("unexpected pos"), as it does ENOSPC."""
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {}, "config": {}, "step": 1}, path)
+    code = ("import resource, signal, torch\n"
+            "from crformer.checkpoint import save_atomic\nfrom crformer.cli import run\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            f"run(lambda argv: save_atomic({{'model': {{'w': torch.zeros(1 << 22)}}, 'step': 2}}, {str(path)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "cannot write checkpoint" in err[0] and "the previous last.pt is intact" in err[0], err[0]
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("signals,status,last_line", [
+    ((signal.SIGTERM,), 143, "terminated"),
+    ((signal.SIGINT, signal.SIGINT), 130, "interrupted"),  # the second, 5 ms later, lands in the cleanup
+], ids=["sigterm", "double-ctrl-c"])
+def test_stop_signals_unwind_with_one_line(world, tmp_path, signals, status, last_line):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "crformer.train",
@@ -262,9 +451,20 @@ def test_sigterm_stops_training_like_ctrl_c(world, tmp_path):
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGTERM)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.005)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
+    assert proc.returncode == status, err[-2000:]
+    assert err.strip().splitlines()[-1] == last_line and "Traceback" not in err, err[-2000:]
     assert not list(out.glob(".*.tmp"))
     assert load_checkpoint(out / "last.pt")["step"] >= 1
+
+
+def test_checkpoints_carry_a_digest_of_their_weights(world):
+    ckpt = load_checkpoint(world["ckpt"])
+    assert ckpt["model_digest"] == tensor_digest(ckpt["model"])
+    flipped = dict(ckpt["model"])
+    name = next(iter(flipped))
+    flipped[name] = flipped[name].clone().view(-1).add_(1).view(flipped[name].shape)
+    assert tensor_digest(flipped) != ckpt["model_digest"]

@@ -1,4 +1,4 @@
-"""Data: REFER-format reader, synthetic generator, datasets."""
+"""Data: REFER-format and Hugging Face parquet readers, synthetic generator, datasets."""
 
 from __future__ import annotations
 
@@ -6,13 +6,23 @@ from crformer.errors import UserError
 
 
 def open_refer(cfg: dict, generate: bool = True):
-    """The REFER dataset named by ``cfg['data']``. For ``synthetic`` with no root, the embedded
-    dataset is generated into ``data.cache_dir`` on first use (deterministic from its seed)."""
+    """The dataset named by ``cfg['data']``: a :class:`~crformer.data.refer.REFER` folder, or with
+    ``data.format: hf-parquet`` a Hugging Face release (:class:`~crformer.data.hf_parquet.HFParquet`).
+    For ``synthetic`` with no root, the embedded dataset is generated into ``data.cache_dir`` on first
+    use (deterministic from its seed)."""
+    d = cfg["data"]
+    root = d["root"]
+    if d["format"] == "hf-parquet":
+        from crformer.data.hf_parquet import HFParquet
+
+        if root is None:
+            raise UserError("data.root is required with data.format=hf-parquet (the downloaded dataset folder "
+                            "holding data/<split>-*.parquet)")
+        return HFParquet(str(root), d["image_dir"])
+
     from crformer.data.refer import REFER
     from crformer.data.synthetic import ensure_synthetic
 
-    d = cfg["data"]
-    root = d["root"]
     if root is None:
         if d["dataset"] != "synthetic":
             raise UserError(f"data.root is required for dataset {d['dataset']!r} (the folder holding "

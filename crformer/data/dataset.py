@@ -45,13 +45,20 @@ def resize_mask_nearest(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_sample_image(sample: RefSample) -> Image.Image:
-    """The sample's image as 8-bit RGB. Its decoded size (after EXIF orientation) must be the
-    width×height that instances.json gives: the masks are drawn at that size, so any other size
-    would misalign every mask silently. A mismatch is a UserError naming the image."""
-    img = load_image(sample.image_path)
+    """The sample's image as 8-bit RGB: its file, or the image embedded in a parquet row
+    (``sample.image_row``). Its decoded size (after EXIF orientation) must be the width×height that
+    the annotations give (instances.json, raw_image_info): the masks are drawn at that size, so any
+    other size would misalign every mask silently. A mismatch is a UserError naming the image."""
+    if sample.image_row is None:
+        img, name = load_image(sample.image_path), sample.image_path
+    else:
+        from crformer.data.hf_parquet import load_embedded_image
+
+        img = load_embedded_image(sample.image_path, sample.image_row)
+        name = f"{sample.image_path} row {sample.image_row}"
     if (img.width, img.height) != (sample.width, sample.height):
-        raise UserError(f"image {sample.image_path} decodes to {img.width}×{img.height} (after EXIF orientation) "
-                        f"but instances.json gives {sample.width}×{sample.height}: its masks would not line up")
+        raise UserError(f"image {name} decodes to {img.width}×{img.height} (after EXIF orientation) "
+                        f"but the annotations give {sample.width}×{sample.height}: its masks would not line up")
     return img
 
 

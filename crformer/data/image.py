@@ -13,21 +13,36 @@ Conversions (never rejections):
   their values lie in 0..65535 (that is how older Pillow opens 16-bit PNGs), otherwise min–max
   stretched.  Float ``F`` images in [0, 1] are scaled by 255, otherwise min–max stretched.
 
+Pixel budgets, decided from the header before any pixel is decoded: an image of more than
+:data:`MAX_PIXELS` is refused; with ``max_side`` (inference) a larger image is downscaled on load
+(JPEG decodes at a reduced scale directly) and its mask comes at that size, so predicting on a
+12000×12000 picture costs hundreds of megabytes,
+not gigabytes.
+
 Errors are :class:`~crformer.errors.UserError`: ``image not found: PATH`` or
 ``cannot read image PATH: reason``.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from crformer.errors import UserError
+from crformer.errors import UserError, first_line
+from crformer.files import regular_file
 
-__all__ = ["load_image", "to_rgb"]
+__all__ = ["load_image", "to_rgb", "image_size", "MAX_PIXELS", "INFERENCE_MAX_SIDE"]
+
+#: Larger images are refused by every tool: PIL's own decompression-bomb limit (178,956,970 pixels,
+#: about 13377² by default), stated once here so that every message gives it.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+#: Inference downscales images larger than this on a side (phone photos fit; the model sees 64-480 px).
+INFERENCE_MAX_SIDE = 4096
 
 _16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16BS", "I;16LS", "I;16S"}
 
@@ -87,28 +102,73 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open ``path`` and return it as an 8-bit RGB ``PIL.Image`` (fully loaded, file closed)."""
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise UserError(f"image not found: {p}")
-    if os.path.isdir(p):
-        raise UserError(f"cannot read image {p}: is a directory")
+#: A file path, or the encoded bytes of an image embedded in a data file (a parquet cell).
+ImageSource = Union[str, os.PathLike, bytes]
+
+
+def _source(image: ImageSource, name: str | None) -> tuple[Union[str, io.BytesIO], str]:
+    """What PIL opens and what messages call it: a path (a regular file) names itself; embedded bytes
+    are named by ``name`` (e.g. ``FILE row N``)."""
+    if isinstance(image, (bytes, bytearray)):
+        return io.BytesIO(image), name or "(embedded image)"
+    p = os.fspath(regular_file(image, "image"))
+    return p, p
+
+
+def _open_checked(src: Union[str, io.BytesIO], p: str) -> Image.Image:
+    """Open (header only) and refuse an image over :data:`MAX_PIXELS` before anything is decoded."""
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large is fine; over the limit is not
+            im = Image.open(src)
+    except Image.DecompressionBombError:
+        im = None
+    if im is None or im.width * im.height > MAX_PIXELS:
+        size = "" if im is None else f" ({im.width}×{im.height})"
+        if im is not None:
+            im.close()
+        raise UserError(f"image {p} has more pixels{size} than the limit of {MAX_PIXELS:,}")
+    return im
+
+
+def image_size(image: ImageSource, name: str | None = None) -> tuple[int, int]:
+    """``(width, height)`` as :func:`load_image` would return it (EXIF orientation applied), from the
+    header alone: the check of a whole dataset before training reads no pixels. ``image``: a path or
+    embedded bytes (named ``name`` in errors)."""
+    src, p = _source(image, name)
+    try:
+        with _open_checked(src, p) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to parse the header is this file's fault
+        raise UserError(f"cannot read image {p}: {first_line(e)}") from None
+    return (h, w) if rotated else (w, h)
+
+
+def load_image(image: ImageSource, max_side: int | None = None, name: str | None = None) -> Image.Image:
+    """Open ``image`` (a path, or embedded bytes named ``name`` in errors) and return it as an 8-bit RGB
+    ``PIL.Image`` (fully loaded, file closed); with ``max_side``, a larger image comes back downscaled
+    to fit ``max_side`` × ``max_side``."""
+    src, p = _source(image, name)
+    try:
+        with _open_checked(src, p) as im:
+            if max_side is not None:
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
             im.load()
             try:
                 im2 = ImageOps.exif_transpose(im)
             except Exception:  # broken EXIF must not make the image unusable
                 im2 = im
+            if max_side is not None and max(im2.size) > max_side:
+                im2 = im2.copy() if im2 is im else im2
+                im2.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
             out = to_rgb(im2)
             if out is im:
                 out = im.copy()
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
-    except Exception as e:  # e.g. struct.error from malformed headers
-        raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, struct.error from bad headers...
+        raise UserError(f"cannot read image {p}: {first_line(e)}") from None
     return out

