@@ -139,7 +139,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and dtypes (< 30 s)")
     ap.add_argument("--cpu-only", action="store_true", help="skip the CUDA section even if a GPU is present")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_rehearse_arg(ap)
     args = ap.parse_args()
+    if args.rehearse:
+        args.quick = args.cpu_only = True
+        print(common.REHEARSE_NOTE)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -147,7 +151,7 @@ def main():
     if not pooling.HAS_EXTENSION:
         print("WARNING: extension missing, 'op' is the reference fallback; numbers are meaningless")
     configs = [(32, 20, 768), (32, 20, 1024)]
-    reps, warmup = (30, 5) if args.quick else (200, 20)
+    reps, warmup = (1, 1) if args.rehearse else (30, 5) if args.quick else (200, 20)
     cpu_dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     bench_cpu(configs, cpu_dtypes, reps, warmup)
 

@@ -105,7 +105,8 @@ def main(argv=None):
             save()
     print()
     print(common.table(rows))
+    return common.rehearsal_failures(dev, rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -74,14 +74,19 @@ def peak_bf16_tflops(name: str) -> tuple[Optional[float], str]:
 
 CPU_NOTE = ("CPU-only run: reference and sdpa paths only (torch.compile / FlexAttention / xformers / triton "
             "need CUDA); fp32; no HBM floor; shared CPU, numbers are noisy")
+REHEARSE_NOTE = ("REHEARSAL (--rehearse): toy sizes, one timed repetition, on CPU, backends that can run interpreted "
+                 "(triton under TRITON_INTERPRET=1) included: it proves the GPU suite's command lines, its numbers "
+                 "mean nothing")
 
 
 # ------------------------------------------------------------------------------------- device
 class Device:
-    """Where the benchmark runs: torch device, name, file slug, HBM bandwidth (None on CPU)."""
+    """Where the benchmark runs: torch device, name, file slug, HBM bandwidth (None on CPU).
+    ``rehearse``: a CPU rehearsal of the GPU suite (:data:`REHEARSE_NOTE`)."""
 
-    def __init__(self, force_cpu: bool = False):
-        self.cuda = torch.cuda.is_available() and not force_cpu
+    def __init__(self, force_cpu: bool = False, rehearse: bool = False):
+        self.rehearse = rehearse
+        self.cuda = torch.cuda.is_available() and not (force_cpu or rehearse)
         self.device = torch.device("cuda" if self.cuda else "cpu")
         if self.cuda:
             self.name = torch.cuda.get_device_name()
@@ -107,6 +112,8 @@ class Device:
                          f"MFU peak: {self.peak_note}")
         else:
             lines.append(f"   {CPU_NOTE}; {torch.get_num_threads()} thread(s), perf_counter median")
+        if self.rehearse:
+            lines.append(f"   {REHEARSE_NOTE}")
         return "\n".join(lines)
 
     def meta(self) -> dict:
@@ -124,6 +131,8 @@ class Device:
             pass
         if not self.cuda:
             m["note"] = CPU_NOTE
+        if self.rehearse:
+            m["rehearse"] = REHEARSE_NOTE
         return m
 
 
@@ -134,6 +143,8 @@ def time_ms(fn: Callable[[], object], dev: Device, quick: bool = False) -> float
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+    if dev.rehearse:  # one warm-up, one timed call: the rehearsal checks that it runs
+        return time_events_ms(fn, dev, warmup=1, reps=1)
     fn()  # warm-up, and an estimate of the cost to pick the repetition count
     t0 = time.perf_counter()
     fn()
@@ -183,13 +194,14 @@ def time_events_ms(fn: Callable[[], object], dev: Device, warmup: int = 3, reps:
     return statistics.median(times)
 
 
-def peak_mb(fn: Callable[[], object], dev: Device) -> Optional[float]:
-    """Peak CUDA memory allocated during one ``fn()`` above what was allocated before (None on CPU)."""
+def peak_mb(fn: Callable[[], object], dev: Device, total: bool = False) -> Optional[float]:
+    """Peak CUDA memory allocated during one ``fn()`` above what was allocated before, or with ``total`` all
+    of it (what the card must hold: weights, optimizer state, activations); None on CPU."""
     if not dev.cuda:
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = 0 if total else torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -419,17 +431,19 @@ def count_kernels(events) -> tuple[int, float]:
 
 def profile_kernels(fn: Callable[[], object], dev: Device) -> dict:
     """``kernels`` launched and ``kernel_ms`` (summed kernel time: GPU busy time) of one ``fn()``, from
-    ``torch.profiler``; {} on CPU."""
-    if not dev.cuda:
+    ``torch.profiler``; {} on CPU. A rehearsal profiles on CPU all the same, so that the profiler and
+    :func:`count_kernels` meet real events before a GPU call depends on them (no CUDA event: nothing to report)."""
+    if not (dev.cuda or dev.rehearse):
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync = torch.cuda.synchronize if dev.cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.cuda else [])) as prof:
         fn()
-        torch.cuda.synchronize()
+        sync()
     n, ms = count_kernels(prof.events())
-    return {"kernels": n, "kernel_ms": ms}
+    return {"kernels": n, "kernel_ms": ms} if dev.cuda else {}
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -509,17 +523,36 @@ def run_case(rows: list[dict], dev: Device, case: str, backend: str, passname: s
     return row
 
 
+def rehearsal_failures(dev: Device, rows: list[dict]) -> int:
+    """Exit status of a benchmark: in a rehearsal every row must run (an error note is a failure: on CPU at toy
+    sizes nothing is expected to fail), so 1 if any did not; elsewhere 0 (a peer that cannot run a shape on a
+    GPU is a result, recorded in its row)."""
+    failed = [r for r in rows if "error" in r.get("note", "")] if dev.rehearse else []
+    for r in failed:
+        print(f"REHEARSAL FAILED: {r['case']} / {r['backend']} / {r['pass']}: {r['note']}", flush=True)
+    return 1 if failed else 0
+
+
 def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def skip(rows: list[dict], case: str, backend: str, passname: str, why: str) -> None:
+    """Append a row that says why it was not run, and say so on the console."""
     rows.append({"case": case, "backend": backend, "pass": passname, "bytes": None, "ms": None,
                  "peak_MB": None, "note": f"skipped: {why}"})
+    print(f"  {case:<28} {backend:<18} {passname:<8} skipped: {why}", flush=True)
 
 
 # ------------------------------------------------------------------------------------- output
+def add_rehearse_arg(ap) -> None:
+    ap.add_argument("--rehearse", action="store_true",
+                    help="CPU rehearsal of benchmarks/run_gpu_suite.sh: implies --quick --cpu, one timed repetition, "
+                         "triton interpreted where TRITON_INTERPRET=1 is set; proves the command, not a number")
+
+
 def add_common_args(ap) -> None:
+    add_rehearse_arg(ap)
     ap.add_argument("--quick", action="store_true", help="tiny shapes / few repetitions (CPU run < ~30 s)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR), help="where <device>-<date>.json/.md go")
@@ -532,7 +565,8 @@ def setup(args) -> Device:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    return Device(force_cpu=args.cpu)
+    args.quick = args.quick or args.rehearse  # the scripts choose their tiny CPU shapes by --quick
+    return Device(force_cpu=args.cpu, rehearse=args.rehearse)
 
 
 def save(out_dir: str, dev: Device, section: str, rows: list[dict], notes: list[str], columns=COLUMNS) -> Path:
@@ -585,10 +619,14 @@ def padding_mask(B: int, N: int, lo: int, device, seed: int = 0) -> torch.Tensor
 
 def registered_backends(dev: Device) -> list[tuple[str, str]]:
     """[(name, why it cannot run here, or "")] for every backend of the registry
-    ``crformer.ops.BACKENDS`` that runs natively on the device's type (on CPU: not triton's interpreter)."""
+    ``crformer.ops.BACKENDS`` that runs natively on the device's type; a rehearsal also lists those that run
+    interpreted on CPU (triton: the GPU suite times it, so its rehearsal must run it)."""
     from crformer.ops import BACKENDS
 
-    return [(name, b.unavailable(dev.device) or "") for name, b in BACKENDS.items() if dev.device.type in b.devices]
+    def listed(b) -> bool:
+        return dev.device.type in b.devices or (dev.rehearse and b.interpreted_on_cpu and not dev.cuda)
+
+    return [(name, b.unavailable(dev.device) or "") for name, b in BACKENDS.items() if listed(b)]
 
 
 def attention_backends(dev: Device, compiled: bool = True) -> list[tuple[str, Optional[Callable], str]]:
@@ -683,6 +721,6 @@ def start_attention_bench(args, title: str) -> Device:
     say which backends run."""
     dev = setup(args)
     print(dev.header(title))
-    if not dev.cuda:
+    if not dev.cuda and not dev.rehearse:  # a rehearsal runs triton too (its header says so)
         print(ATTENTION_CPU_NOTE)
     return dev

@@ -12,7 +12,9 @@ config's output on the same inputs, so a faster but wrong configuration is flagg
 
 Compilation dominates a sweep, so a GPU session first runs ``--warm-only`` shards in parallel
 processes (they fill Triton's on-disk cache) and then one timing process, which finds every binary
-cached: benchmarks/run_gpu_suite.sh does this. Results: section "tune" of <device>-<date>.json/.md.
+cached (about 4 minutes on an H200; a call of its own: benchmarks/run_gpu_suite.sh no longer fits it), e.g.
+``for i in 0 1 2 3 4 5; do python benchmarks/tune_kernels.py --warm-only --shard $i/6 & done; wait;
+python benchmarks/tune_kernels.py``. Results: section "tune" of <device>-<date>.json/.md.
 Apply a winner by editing ``KERNEL_TABLE``; tests/kernels/test_compile_sm90.py then checks the new
 entries for register spills on the CPU machine.
 """

@@ -20,7 +20,8 @@ import common  # noqa: E402
 
 
 @pytest.mark.parametrize("script,section,extra", [
-    ("bench_decoder.py", "decoder", []), ("bench_vlf.py", "vlf", []), ("bench_train_step.py", "train_step", ["--sweep"]),
+    ("bench_decoder.py", "decoder", []), ("bench_vlf.py", "vlf", []),
+    ("bench_train_step.py", "train_step sweep", ["--sweep"]),
     ("bench_train_step.py", "train_step", ["--embedded", "--batch-size", "4"])])
 def test_quick_cpu(script, section, extra, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -40,7 +41,7 @@ def test_quick_cpu(script, section, extra, tmp_path):
     assert any("CPU-only" in n for n in data["sections"][section]["notes"])
     if "--embedded" in extra:
         assert "64² B=4" in rows[0]["case"] and any("train.amp=bf16" in n for n in data["sections"][section]["notes"])
-    if section == "train_step":
+    if section.startswith("train_step"):
         _check_train_step_accounting(rows, r.stdout, sweep="--sweep" in extra)
 
 
@@ -165,19 +166,83 @@ def test_count_kernels():
 
 
 def test_compile_flag_adds_a_compiled_step_without_running_it():
-    """``--compile MODE`` adds one "compile MODE" step per backend on CPU (plus "+ graphs" on CUDA),
-    sharing the eager step's model and batch; torch.compile is lazy, so nothing compiles here."""
+    """``--compile MODE`` adds a "compile MODE" and a "compile MODE + graphs" step per backend, sharing the
+    eager step's model and batch; on CPU the graphs step is a reason, not a step; torch.compile is lazy, so
+    nothing compiles here."""
     import argparse
 
     import bench_train_step as bts
 
     step = bts.TrainStep(torch.nn.Linear(2, 2), None, None, {}, torch.device("cpu"), "none")
-    dev = argparse.Namespace(cuda=False)
-    assert [name for name, _ in bts.step_variants(argparse.Namespace(compile=None), step, dev)] == ["eager"]
-    variants = bts.step_variants(argparse.Namespace(compile="default"), step, dev)
-    assert [name for name, _ in variants] == ["eager", "compile default"]
+    cpu, cuda = argparse.Namespace(cuda=False, rehearse=False), argparse.Namespace(cuda=True, rehearse=False)
+    assert [name for name, *_ in bts.step_variants(argparse.Namespace(compile=None), step, cpu)] == ["eager"]
+    variants = bts.step_variants(argparse.Namespace(compile="default"), step, cpu)
+    assert [(name, why) for name, _, why in variants] == [
+        ("eager", ""), ("compile default", ""), ("compile default + graphs", "CUDA graphs need CUDA")]
     compiled = variants[1][1]
-    assert compiled.model is step.model and compiled.forward_loss is not step.forward_loss
-    assert [n for n, _ in bts.step_variants(argparse.Namespace(compile="max-autotune"), step,
-                                            argparse.Namespace(cuda=True))][1:] == [
-        "compile max-autotune", "compile max-autotune + graphs"]
+    assert compiled.model is step.model and compiled.forward_loss is not step.forward_loss and variants[2][1] is None
+    on_cuda = bts.step_variants(argparse.Namespace(compile="max-autotune"), step, cuda)
+    assert [(name, fn is not None) for name, fn, _ in on_cuda][1:] == [
+        ("compile max-autotune", True), ("compile max-autotune + graphs", True)]
+
+
+SUITE = ROOT / "benchmarks" / "run_gpu_suite.sh"
+
+
+def _suite(*args, suite_dir, timeout=60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, GPU_SUITE_DIR=str(suite_dir), OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+def _planned_steps(mode_args, suite_dir) -> dict[str, tuple[str, list[str]]]:
+    """{step: (limit, command words)} from ``--dry-run``, in plan order."""
+    r = _suite(*mode_args, "--dry-run", suite_dir=suite_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = {}
+    for line in r.stdout.split("\n"):  # a step's line: "NAME LIMITs: COMMAND" (the versions one wraps)
+        head, sep, command = line.partition(": ")
+        if sep and len(head.split()) == 2 and head.split()[1].endswith("s"):
+            name, limit = head.split()
+            steps[name] = (limit, command.split())
+    return steps
+
+
+def test_gpu_suite_rehearses_every_device_command(tmp_path):
+    """Every step of the device plan has a rehearsal with the same limit and the same command, only the size
+    arguments added (benchmarks: --rehearse; pytest: --collect-only; the build: --help); the deadline keeps
+    the device plan inside one 540 s call."""
+    device, rehearse = _planned_steps([], tmp_path), _planned_steps(["rehearse"], tmp_path)
+    assert list(device) == list(rehearse) and len(device) >= 13, (device, rehearse)
+    sizes = {"--rehearse", "--collect-only", "--help"}
+    for name, (limit, command) in device.items():
+        assert rehearse[name][0] == limit, name
+        assert [w for w in rehearse[name][1] if w not in sizes] == command, name
+        assert not sizes & set(command), name
+    script = SUITE.read_text()
+    assert "DEADLINE_S=${DEADLINE_S:-525}" in script and "DEADLINE_S=${DEADLINE_S:-300}" in script
+
+
+@pytest.mark.slow
+def test_gpu_suite_rehearsal(tmp_path):
+    """``run_gpu_suite.sh rehearse`` runs every step on CPU at toy sizes inside its 5-minute deadline: each one
+    ok, the benchmarks' sections written, the CUDA-only variants skipped with their reason, and what a device
+    call would bring back from $OUT inside its 8 files."""
+    r = _suite("rehearse", suite_dir=tmp_path, timeout=420)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text().split("\n")
+    done = [line.split()[0] for line in summary if line]
+    assert done and all(" ok " in line for line in summary if line), summary
+    assert sorted(done) == sorted(_planned_steps(["rehearse"], tmp_path)), done
+    out = [f for f in (tmp_path / "OUT").rglob("*") if f.is_file()]
+    assert len(out) <= 8 and {"summary.txt", "logs.tgz"} <= {f.name for f in out}, out
+    sections = json.loads(next((tmp_path / "results").glob("cpu-*.json")).read_text())["sections"]
+    assert {"train_step triton", "train_step sdpa", "train_step reference", "train_step memory auto",
+            "train_step sweep", "vlf", "decoder"} <= set(sections), list(sections)
+    triton = {row["pass"]: row for row in sections["train_step triton"]["rows"]}
+    assert triton["eager"]["ms"] and triton["compile default"]["ms"], triton
+    assert triton["compile default + graphs"]["note"] == "skipped: CUDA graphs need CUDA"
+    memory = sections["train_step memory auto"]["rows"]
+    assert sorted((row["pass"], row["B"]) for row in memory) == sorted(
+        (p, b) for p in ("plain", "grad_checkpointing") for b in (2, 4, 8))
+    assert all(row["ms"] and row.get("peak_total_MB") is None for row in memory)
