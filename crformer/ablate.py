@@ -7,6 +7,8 @@ sentence the queries of each decoder layer still carry, and writes into ``--out`
 ``tables.md`` and the plots ``metrics.png``, ``curves.png`` (val mIoU after every epoch) and
 ``probe.png``. Finished runs are skipped, so an interrupted study continues where it stopped;
 ``--report-only`` rebuilds tables and plots from the run files alone.
+The training machinery (:class:`Run`, :func:`unfinished`, :func:`train_runs`) also serves the seed
+sweep of the default run, :mod:`crformer.sweep`.
 
 The probe (:func:`probe_layers`): for each layer ℓ (0 = the QGM's queries, 1…N_d = the decoder
 layers) the queries are mean-pooled into one D-vector per sample, in two states of every decoder
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -206,36 +210,115 @@ def probe_layers(model, refer, cfg: dict, tokenizer, device) -> dict:
     return out
 
 
-def run_one(variant: str, seed: int, overrides: list, work_dir: Path) -> dict:
-    """Train one variant with one seed; its val metrics (easy/hard, by kind), probe and timing."""
+@dataclass
+class Run:
+    """One training run of the study or of the seed sweep (:mod:`crformer.sweep`).
+
+    ``name``: its checkpoint folder under the work dir and its run file's stem; ``title``: how the
+    progress lines call it; ``overrides``: ``key=value`` on top of the default config (the seed
+    aside), recorded in the run file, which is retrained when they change; ``labels``: extra fields
+    of the run file (the study's variant, the sweep's thread count); ``probe``: run
+    :func:`probe_layers` on the final model.
+    """
+
+    name: str
+    title: str
+    seed: int
+    overrides: list
+    labels: dict = field(default_factory=dict)
+    probe: bool = False
+
+
+def train_and_measure(run: Run, work_dir: Path) -> dict:
+    """Train ``run`` (checkpoints and log.jsonl in ``work_dir/run.name``); its run file's content: the
+    final model's val metrics (easy/hard, overall and by kind, and the language check when
+    ``eval.language_check`` is on), the trainer's per-epoch history, the probe if asked, timing."""
     from crformer.train import Trainer
 
-    cfg = load_config(None, STUDY + VARIANTS[variant] + list(overrides) +
-                      [f"train.seed={seed}", f"train.out_dir={work_dir / f'{variant}-s{seed}'}"])
+    cfg = load_config(None, run.overrides + [f"train.seed={run.seed}", f"train.out_dir={work_dir / run.name}"])
     start = time.perf_counter()
     trainer = Trainer(cfg)
     trainer.fit()
     model, device = trainer.model, trainer.device
-    metrics = {split: evaluate_split(model, trainer.refer, split, cfg, trainer.tokenizer, device)
-               for split in METRIC_SPLITS}
-    probe = probe_layers(model, trainer.refer, cfg, trainer.tokenizer, device)
-    return {"variant": variant, "seed": seed, "overrides": STUDY + VARIANTS[variant] + list(overrides),
-            "metrics": {s: {"overall": r["overall"], "by_kind": r["by_kind"]} for s, r in metrics.items()},
-            "probe": probe, "seconds": round(time.perf_counter() - start, 1), "steps": trainer.step,
+    metrics = {}
+    for split in METRIC_SPLITS:
+        r = evaluate_split(model, trainer.refer, split, cfg, trainer.tokenizer, device,
+                           language_check=cfg["eval"]["language_check"])
+        metrics[split] = {key: r[key] for key in ("overall", "by_kind", "language_check") if key in r}
+    result = {**run.labels, "seed": run.seed, "overrides": run.overrides, "metrics": metrics}
+    if run.probe:
+        result["probe"] = probe_layers(model, trainer.refer, cfg, trainer.tokenizer, device)
+    return {**result, "seconds": round(time.perf_counter() - start, 1), "steps": trainer.step,
             "history": trainer.history}
 
 
-def run_and_save(variant: str, seed: int, overrides: list, work_dir: str, path: str) -> dict:
-    """:func:`run_one`, its result written atomically to ``path`` (a worker-process entry point)."""
+def run_and_save(run: Run, work_dir: str, path: str) -> dict:
+    """:func:`train_and_measure`, its result written atomically to ``path`` (a worker-process entry point)."""
     from crformer.cli import quiet_libraries
 
     quiet_libraries()
-    os.environ["TQDM_DISABLE"] = "1"  # two runs' progress bars would interleave; the parent reports
-    result = run_one(variant, seed, overrides, Path(work_dir))
+    result = train_and_measure(run, Path(work_dir))
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
     return result
+
+
+def unfinished(runs: list, runs_dir: Path, force: bool = False) -> list:
+    """The runs of ``runs`` to train: those without a run file ``runs_dir/<name>.json``, those whose
+    file was made with other overrides, and with ``force`` all; says which are skipped and why."""
+    todo = []
+    for run in runs:
+        path = runs_dir / f"{run.name}.json"
+        if path.is_file() and not force:
+            if json.loads(path.read_text()).get("overrides") == run.overrides:
+                print(f"{run.title}: done already ({path})", flush=True)
+                continue
+            print(f"{run.title}: {path} was made with another setting; retraining", flush=True)
+        todo.append(run)
+    return todo
+
+
+@contextlib.contextmanager
+def _workers_environment(**values: str):
+    """Set environment variables while worker processes start, which inherit them, and restore this
+    process's afterwards. ``TQDM_DISABLE``: parallel runs' progress bars would interleave (the parent
+    reports); tqdm reads it when it is imported, which a worker does before it takes a task."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def train_runs(runs: list, runs_dir: Path, work_dir: str, jobs: int) -> None:
+    """Train ``runs``, ``jobs`` at a time, each in a spawned worker process (no state inherited from
+    this one; a worker may train several runs in turn, each seeding itself and setting its thread
+    count), each result written to ``runs_dir/<name>.json`` as soon as it finishes, so an interrupted
+    study or sweep resumes with :func:`unfinished`."""
+    if not runs:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with _workers_environment(TQDM_DISABLE="1"), \
+            concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_and_save, run, work_dir, str(runs_dir / f"{run.name}.json")): run for run in runs}
+        for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            result = fut.result()
+            m = result["metrics"]
+            print(f"[{n}/{len(runs)}] {futures[fut].title}: val mIoU easy "
+                  f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
+                  f"  ({result['seconds']:.0f} s)", flush=True)
+
+
+def study_run(variant: str, seed: int, overrides: list) -> Run:
+    """The study's run of ``variant`` with ``seed``: :data:`STUDY`, the variant's overrides, then the user's."""
+    return Run(f"{variant}-s{seed}", f"{variant} seed {seed}", seed, STUDY + VARIANTS[variant] + list(overrides),
+               labels={"variant": variant}, probe=True)
 
 
 def _mean_std(values: list) -> tuple:
@@ -464,7 +547,8 @@ def reprobe(out: Path, work_dir: Path) -> None:
         print(f"re-probed {path.name}", flush=True)
 
 
-def _int_list(text: str) -> list:
+def int_list(text: str) -> list:
+    """``--seeds 0,1,2`` → [0, 1, 2]."""
     return [int(t) for t in text.split(",")]
 
 
@@ -482,7 +566,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m crformer.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/ablations", help="results folder (run files, tables, plots)")
     p.add_argument("--work-dir", default="runs/ablation", help="checkpoints and logs of the runs")
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     p.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (default 2)")
@@ -498,27 +582,8 @@ def main(argv=None) -> None:
     if a.reprobe:
         reprobe(out, Path(a.work_dir))
     elif not a.report_only:
-        todo = [(v, s) for v in a.variants for s in a.seeds]
-        pending = []
-        for variant, seed in todo:
-            path = out / "runs" / f"{variant}-s{seed}.json"
-            if path.is_file() and not a.force:
-                if json.loads(path.read_text()).get("overrides") == STUDY + VARIANTS[variant] + list(a.overrides):
-                    print(f"{variant} seed {seed}: done already ({path})", flush=True)
-                    continue
-                print(f"{variant} seed {seed}: {path} was made with another setting; retraining", flush=True)
-            pending.append((variant, seed, a.overrides, a.work_dir, str(path)))
-        # Each run in its own process (spawned, so no state leaks between runs), a.jobs at a time.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(run_and_save, *job): job for job in pending}
-            for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-                variant, seed = futures[fut][:2]
-                result = fut.result()
-                m = result["metrics"]
-                print(f"[{n}/{len(pending)}] {variant} seed {seed}: val mIoU easy "
-                      f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
-                      f"  ({result['seconds']:.0f} s)", flush=True)
+        runs = [study_run(variant, seed, a.overrides) for variant in a.variants for seed in a.seeds]
+        train_runs(unfinished(runs, out / "runs", a.force), out / "runs", a.work_dir, a.jobs)
     agg = report(out)
     print(tables_markdown(agg) + "\n" + contrasts_markdown(agg))
     print(f"wrote {out / 'results.json'}, {out / 'tables.md'} and the plots in {out}")

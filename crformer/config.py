@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1e-2,
         "warmup_iters": 100,
         "poly_power": 0.9,
+        "lr_hold": 0.0,                # fraction of the run at the peak lr before the poly decay starts
         "grad_clip": 1.0,
         "amp": "bf16",                 # auto (bf16 on CUDA only) | bf16 | none
         "seed": 0,
@@ -335,7 +336,8 @@ RULES: dict[str, tuple] = {
     "train.compile": _one_of("none", "default", "max-autotune"), "train.cuda_graphs": _BOOL,
     "train.lr": _num(0, strict=True),
     "train.backbone_lr": _optional(_num(0, strict=True)), "train.text_lr": _num(0), "train.weight_decay": _num(0),
-    "train.warmup_iters": _int(0), "train.poly_power": _num(0), "train.grad_clip": _num(0),
+    "train.warmup_iters": _int(0), "train.poly_power": _num(0), "train.lr_hold": _num(0, hi=1),
+    "train.grad_clip": _num(0),
     "train.amp": _one_of("auto", "bf16", "none"), "train.seed": _int(0), "train.out_dir": _PATH,
     "train.log_every": _int(1), "train.num_threads": _int(0), "train.max_steps": _int(0),
     "train.checkpoint_every": _int(0),

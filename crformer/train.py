@@ -161,7 +161,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=t["lr"], weight_decay=t["weight_decay"],
                                            fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_with_warmup(self.total_steps, t["warmup_iters"], t["poly_power"]))
+            self.optimizer, poly_with_warmup(self.total_steps, t["warmup_iters"], t["poly_power"],
+                                             t["lr_hold"]))
         self.step, self.best = 0, -1.0
         self.history: list = []
         if ckpt is not None:
@@ -282,8 +283,11 @@ class Trainer:
             results = self.evaluate(self.cfg["data"]["val_splits"])  # selection: val splits only, never test
             score = float(np.mean([r["overall"]["oIoU"] for r in results.values()]))
             summary = {split: {k: round(v, 4) for k, v in r["overall"].items()} for split, r in results.items()}
-            self.history.append({"epoch": epoch + 1, "step": self.step, "val": summary})
-            self.log({"step": self.step, "epoch": epoch + 1, "val": summary})
+            # mIoU per sentence kind: the per-kind learning curves (which kinds a run has learned when)
+            by_kind = {split: {kind: round(m["mIoU"], 4) for kind, m in r["by_kind"].items()}
+                       for split, r in results.items()}
+            self.history.append({"epoch": epoch + 1, "step": self.step, "val": summary, "val_by_kind": by_kind})
+            self.log({"step": self.step, "epoch": epoch + 1, "val": summary, "val_by_kind": by_kind})
             if is_main():
                 print(f"epoch {epoch + 1}/{t['epochs']}  " + "  ".join(
                     f"{s}: oIoU {100 * r['overall']['oIoU']:.2f} mIoU {100 * r['overall']['mIoU']:.2f}"

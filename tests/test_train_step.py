@@ -177,3 +177,15 @@ def test_compiled_and_eager_checkpoints_resume_each_other(runs):
         assert set(runs[resumed]) == {1, 2, 3, 4, 5}
         for step in (4, 5):
             assert runs[resumed][step] == pytest.approx(runs["eager"][step], rel=1e-3), (resumed, step)
+
+
+def test_lr_schedule_warms_up_holds_the_peak_then_decays():
+    from crformer.train import poly_with_warmup
+
+    total, warmup = 700, 100
+    paper, held = poly_with_warmup(total, warmup, 0.9), poly_with_warmup(total, warmup, 0.9, hold=4 / 7)
+    for step in range(total):  # hold=0 is the paper's schedule, unchanged
+        assert paper(step) == (step + 1) / warmup if step < warmup else max(0.0, 1 - (step - warmup) / 600) ** 0.9
+    assert [held(s) for s in (0, 99)] == [paper(0), paper(99)]
+    assert all(held(s) == 1.0 for s in range(warmup, 400)) and held(399) == 1.0 > held(401) > held(600) > 0
+    assert held(400) == 1.0 and abs(held(550) - 0.5 ** 0.9) < 1e-12 and held(total) == 0.0
