@@ -241,6 +241,9 @@ def test_gpu_suite_rehearsal(tmp_path):
             "train_step sweep", "vlf", "decoder"} <= set(sections), list(sections)
     triton = {row["pass"]: row for row in sections["train_step triton"]["rows"]}
     assert triton["eager"]["ms"] and triton["compile default"]["ms"], triton
+    # One graph per step: an import check traced per attention call once broke it into 35.
+    assert all(row["graph_breaks"] == 0 for name in ("triton", "sdpa", "reference")
+               for row in sections[f"train_step {name}"]["rows"] if row["pass"] == "compile default"), sections
     assert triton["compile default + graphs"]["note"] == "skipped: CUDA graphs need CUDA"
     memory = sections["train_step memory auto"]["rows"]
     assert sorted((row["pass"], row["B"]) for row in memory) == sorted(

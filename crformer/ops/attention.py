@@ -170,11 +170,15 @@ def resolve_backend(name: Optional[str] = None, device: Union[torch.device, str,
 
 
 def _backend(name: Optional[str], device: torch.device) -> AttentionBackend:
-    """The registry entry for ``name`` (resolved for ``device``), or a UserError saying why it cannot run."""
-    backend = BACKENDS[resolve_backend(name, device)]
-    why = backend.unavailable(device)
-    if why is not None:
-        raise UserError(f"attention backend {backend.name!r} {why}")
+    """The registry entry for ``name`` (resolved for ``device`` unless a module already resolved it), or
+    a UserError saying why it cannot run. Under torch.compile that check is skipped: it imports the
+    backend's module, which dynamo cannot trace (a graph break per attention call, 35 in the compiled
+    triton step); a backend that cannot run then fails in its own code instead of with this message."""
+    backend = BACKENDS[name] if name in BACKENDS else BACKENDS[resolve_backend(name, device)]
+    if not torch.compiler.is_compiling():
+        why = backend.unavailable(device)
+        if why is not None:
+            raise UserError(f"attention backend {backend.name!r} {why}")
     return backend
 
 
