@@ -22,7 +22,7 @@ from crformer.checkpoint import load_checkpoint, load_model_state
 from crformer.config import merge_config
 from crformer.data.dataset import image_to_tensor
 from crformer.data.image import INFERENCE_MAX_SIDE, load_image, to_rgb
-from crformer.engine import compile_mode, predict_logits, upsample_mask
+from crformer.engine import compile_mode, parse_device, predict_logits, upsample_mask
 from crformer.errors import UserError
 from crformer.models import CRFormer
 from crformer.models.text_encoder import SentenceTokenizer
@@ -98,9 +98,7 @@ class Segmenter:
     @classmethod
     def _build(cls, saved_cfg: dict, state: dict, device: str | torch.device | None,
                overrides: Sequence[str]) -> "Segmenter":
-        from crformer.cli import parse_device
-
-        device = device if isinstance(device, torch.device) else parse_device(device)
+        device = parse_device(device)
         cfg = merge_config(saved_cfg, overrides)
         cfg["model"]["backbone"]["weights"] = None  # the saved state holds the trained backbone
         model = CRFormer.from_config(cfg, device)

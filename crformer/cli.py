@@ -13,10 +13,6 @@ import threading
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 from crformer.errors import UserError
 
@@ -73,25 +69,6 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> 
     except OSError as e:
         raise UserError(f"cannot write {what} {p}: {e.strerror or e} in {probe}") from None
     return p
-
-
-def parse_device(name: str | None) -> torch.device:
-    """``--device``: a torch device that exists here (default: cuda when available, else cpu)."""
-    import torch  # here, not at import: the CLIs check their arguments before torch loads
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 class Terminated(KeyboardInterrupt):

@@ -13,7 +13,29 @@ from torch.utils.data import DataLoader, Subset
 
 from crformer.data.dataset import Collate, RefDataset, load_sample_image, resize_mask_nearest
 from crformer.distributed import all_reduce_sum
+from crformer.errors import UserError
 from crformer.metrics import RISMetrics
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """A torch device that exists here, from a name (``cpu``, ``cuda``, ``cuda:1``) or None (cuda when
+    available, else cpu); a UserError names what is wrong (the CLIs' ``--device`` and the API's
+    ``device=`` arrive here)."""
+    if isinstance(name, torch.device):
+        return name
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {name!r} is not a device name (cpu, cuda, cuda:1...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name}: only cpu and cuda are supported")
+    return device
 
 
 def autocast_context(device: torch.device, amp: str):

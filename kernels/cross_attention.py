@@ -133,7 +133,8 @@ def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[i
 
 def _config(entry: str, **want) -> tuple[dict, dict]:
     """Constexprs + launch options of a ``KERNEL_TABLE`` entry, ``want`` as in ``common.config``
-    (the tuner and its test replace this function to see what the launchers pick)."""
+    (benchmarks/tune_kernels.py reads it to start from the shipped choice; tests/kernels/test_tune.py
+    wraps it to see what the launchers pick)."""
     return common.config(KERNEL_TABLE, entry, **want)
 
 

@@ -19,9 +19,9 @@ tested (tests/kernels/test_backends.py runs every registered backend against the
 The model decides once, when a module is built: :func:`resolve_backend` turns ``"auto"`` into a
 name (the env var if set, else ``triton`` on CUDA / ``reference`` on CPU) and each attention module
 keeps that name. A direct call with ``backend=None`` resolves the same way for its tensors' device.
-(On CPU, torch's SDPA picks its flash kernel once a key mask is given, and its backward is slow at
-our shapes: a whole default training step took 0.49 s with ``sdpa`` and 0.42 s with ``reference``,
-2-core CPU, 2026-11-26.)
+(``reference`` is CPU's default because torch's SDPA picks its flash kernel on CPU once a key mask
+is given, and its backward is the slower one at our shapes: benchmarks/NOTES.md, "CPU attention
+backend for training".)
 """
 
 from __future__ import annotations
