@@ -58,11 +58,12 @@ def pick_scene(scenes: list[Scene]):
     scene goes out as its file, which gradio copies into its cache once (the event can fire twice per pick;
     a picture handed over in memory would be written again while the page is loading it)."""
 
-    def pick(index: int | None):
-        if index is None:
-            return gr.skip(), gr.skip()
+    def pick(index: int | None, shown: int | None):
+        # The second firing of one pick changes nothing: it would overwrite sentences typed meanwhile.
+        if index is None or index == shown:
+            return gr.skip(), gr.skip(), gr.skip()
         scene = scenes[int(index)]
-        return scene.image_path, "\n".join(scene.sentences)
+        return scene.image_path, "\n".join(scene.sentences), index
 
     return pick
 
@@ -126,7 +127,8 @@ def build_page(shared: SharedSegmenter, scenes: list[Scene], checkpoint: str) ->
                 gallery = gr.Gallery(label="Per sentence: overlay | mask (the model's time)", columns=2,
                                      format="png", object_fit="contain", interactive=False,
                                      elem_id="masks", elem_classes="pixelated")
-        scene.input(pick_scene(scenes), scene, [image, text])
+        shown = gr.State(None)  # the scene last put on the page (per browser session)
+        scene.input(pick_scene(scenes), [scene, shown], [image, text, shown])
         button.click(segment_request(shared), [image, text], [gallery, status], preprocess=False,
                      concurrency_limit=CONCURRENT_REQUESTS)
     return page
