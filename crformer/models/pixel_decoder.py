@@ -80,6 +80,7 @@ class PixelDecoder(nn.Module):
             if top is not None:
                 lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             lats[i] = top = lat
-        memories = [self.output[str(i)](lats[i]) for i in self.memory_levels]
+        # A stride-4 memory is the pixel embedding's input: computed once, shared.
+        outputs = {i: self.output[str(i)](lats[i]) for i in dict.fromkeys([0] + self.memory_levels)}
         detail = self.detail(images) if self.detail is not None else None
-        return memories, self.pixel_proj(self.output["0"](lats[0])), detail
+        return [outputs[i] for i in self.memory_levels], self.pixel_proj(outputs[0]), detail
