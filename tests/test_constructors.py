@@ -18,6 +18,7 @@ from crformer.models.layers import MultiHeadAttention
 from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
 from crformer.models.text_encoder import SentenceTokenizer
+from crformer.ops import AttentionBackend
 from tests.helpers import TINY_MODEL
 
 B, L, D, NQ, C_L = 2, 5, 16, 3, 24
@@ -97,8 +98,10 @@ def _plain(v):
 
 
 def test_constructor_defaults_are_the_config_defaults():
-    """CRFormer() is the embedded default model: every argument is a config key with its default."""
+    """CRFormer() is the embedded default model: every argument but ``device`` (where it will run)
+    is a config key with its default."""
     got = _defaults(CRFormer)
+    assert got.pop("device") is None
     want = {**DEFAULTS["model"], "image_size": DEFAULTS["data"]["image_size"],
             "max_tokens": DEFAULTS["data"]["max_tokens"]}
     assert got.keys() == want.keys()
@@ -114,8 +117,8 @@ def _backends(model: torch.nn.Module) -> set:
 
 
 def test_backend_is_decided_once_at_build(monkeypatch):
-    """auto resolves for the device given to from_config; the env var fills in for auto, never
-    for an explicit config value; a built module keeps its backend whatever the env var says later."""
+    """auto resolves for the device the model is built for; the env var fills in for auto, never
+    for an explicit config value; modules never read it (they get the model's decision)."""
     cfg = load_config(None, TINY_MODEL)
     monkeypatch.delenv("CRFORMER_ATTN_BACKEND", raising=False)
     assert _backends(CRFormer.from_config(cfg, "cpu")) == {"reference"}
@@ -123,19 +126,34 @@ def test_backend_is_decided_once_at_build(monkeypatch):
     monkeypatch.setenv("CRFORMER_ATTN_BACKEND", "sdpa")
     assert _backends(CRFormer.from_config(cfg, "cuda")) == {"sdpa"}
     assert _backends(CRFormer(**TINY_KWARGS, attn_backend="reference")) == {"reference"}
+    assert MultiHeadAttention(8, 8, 8, 2).attn_backend == "reference"
 
-    mha = MultiHeadAttention(8, 8, 8, 2)
-    assert mha.attn_backend == "sdpa"
+
+def test_modules_call_their_backend_without_resolving_or_checking_it(monkeypatch):
+    """The env var and the availability check (an import per backend) count when the model is
+    built, not per call."""
+    mha = MultiHeadAttention(8, 8, 8, 2, attn_backend="sdpa")
     monkeypatch.setenv("CRFORMER_ATTN_BACKEND", "xformers")  # would fail on CPU if read per call
+
+    def no_check(self, device):
+        raise AssertionError(f"{self.name}: availability checked during a call")
+
+    monkeypatch.setattr(AttentionBackend, "unavailable", no_check)
     x = torch.randn(1, 3, 8)
     assert mha(x, x).shape == (1, 3, 8)
 
 
-def test_unknown_backend_is_refused_at_build(monkeypatch):
+def test_unknown_or_unresolved_backend_is_refused_at_build(monkeypatch):
     from crformer.errors import UserError
 
     with pytest.raises(UserError, match="unknown attention backend 'flash'"):
         MultiHeadAttention(8, 8, 8, 2, attn_backend="flash")
+    with pytest.raises(UserError, match="'auto' is decided by CRFormer"):
+        MultiHeadAttention(8, 8, 8, 2, attn_backend="auto")
     monkeypatch.setenv("CRFORMER_ATTN_BACKEND", "flash")
     with pytest.raises(UserError, match="unknown CRFORMER_ATTN_BACKEND 'flash'"):
-        MultiHeadAttention(8, 8, 8, 2)
+        CRFormer(**TINY_KWARGS)
+    monkeypatch.delenv("CRFORMER_ATTN_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="attention backend 'triton' runs on cuda tensors"):
+        CRFormer(**TINY_KWARGS, attn_backend="triton", device="cpu")

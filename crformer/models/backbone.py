@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from crformer.errors import UserError
 from crformer.models.layers import LayerNorm, MultiHeadAttention
-from crformer.ops import resolve_backend
+from crformer.ops import AttentionBackend
 
 
 class VisionLanguageFusion(nn.Module):
@@ -23,7 +23,7 @@ class VisionLanguageFusion(nn.Module):
     The last stage has no next stage, so its VLF is built with ``gated=False`` (no unused weights).
     """
 
-    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, attn_backend: str = "auto", gated: bool = True):
+    def __init__(self, dim: int, lang_dim: int, num_heads: int = 1, attn_backend: AttentionBackend | str = "reference", gated: bool = True):
         super().__init__()
         self.norm = LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, lang_dim, dim, num_heads, attn_backend=attn_backend)
@@ -87,7 +87,7 @@ class SwinVLFEncoder(nn.Module):
                  embed_dim: Optional[int] = 48, depths: Optional[Sequence[int]] = (2, 2, 2, 2),
                  num_heads: Optional[Sequence[int]] = (2, 4, 8, 16), window_size: Optional[int] = 4,
                  patch_size: Optional[int] = 4, drop_path_rate: Optional[float] = 0.1, weights: Optional[str] = None,
-                 vlf_heads: int = 1, attn_backend: str = "auto"):
+                 vlf_heads: int = 1, attn_backend: AttentionBackend | str = "reference"):
         super().__init__()
         import timm
 
@@ -106,7 +106,6 @@ class SwinVLFEncoder(nn.Module):
         self.swin.head = nn.Identity()
         self.dims = [info["num_chs"] for info in self.swin.feature_info]
         self.strides = [info["reduction"] for info in self.swin.feature_info]
-        attn_backend = resolve_backend(attn_backend)
         self.vlf = nn.ModuleList(VisionLanguageFusion(d, lang_dim, vlf_heads, attn_backend=attn_backend,
                                                       gated=i < len(self.dims) - 1)
                                  for i, d in enumerate(self.dims))

@@ -15,7 +15,7 @@ from crformer.models.layers import LayerNorm, sine_position_embedding
 from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
 from crformer.models.text_encoder import TextEncoder
-from crformer.ops import masked_pool, resolve_backend
+from crformer.ops import backend_for, masked_pool
 
 
 #: Values of ``model.lrm_input`` (:class:`CRFormer` ``lrm_input``).
@@ -50,11 +50,15 @@ class CRFormer(nn.Module):
             layer's output (the paper), or ``"pre_calibration"``, that layer's state after its FFN,
             before the calibration re-injects the words (the language-fidelity study's control;
             the same state for a plain decoder).
-        attn_backend: a name in :data:`crformer.ops.BACKENDS` or ``"auto"``, decided once here for
-            every attention module (:func:`crformer.ops.resolve_backend`).
+        attn_backend: a name in :data:`crformer.ops.BACKENDS` or ``"auto"``: decided here, once, for
+            ``device`` (:func:`crformer.ops.backend_for`: ``$CRFORMER_ATTN_BACKEND``, else triton on
+            CUDA and reference on CPU; a backend that cannot run there is a UserError), and the
+            registry entry handed to every attention module, which calls it directly.
         fold_decoder_attention: the decoder cross-attention with its K/V projections folded into
             the queries (same function and parameters; :class:`MultiHeadAttention`).
         grad_checkpointing: see :meth:`set_grad_checkpointing`.
+        device: where the model will run, for ``attn_backend``; None: CUDA when available. Not a
+            config key, and not where the model is built: that is always the CPU.
     """
 
     def __init__(self, *, image_size: int = 64, max_tokens: int = 20, text_encoder: str = "minilm",
@@ -63,11 +67,12 @@ class CRFormer(nn.Module):
                  num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
                  memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, calibration: bool = True,
                  lrm: bool = True, lrm_input: str = "calibrated", attn_backend: str = "auto",
-                 fold_decoder_attention: bool = False, grad_checkpointing: bool = False):
+                 fold_decoder_attention: bool = False, grad_checkpointing: bool = False,
+                 device: Union[torch.device, str, None] = None):
         super().__init__()
         if lrm_input not in LRM_INPUTS:
             raise UserError(f"model.lrm_input must be one of {', '.join(LRM_INPUTS)}; got {lrm_input!r}")
-        D, attn_backend = d_model, resolve_backend(attn_backend)
+        D, attn_backend = d_model, backend_for(attn_backend, device)
         self.lrm_input = lrm_input
         self.text_encoder = TextEncoder(text_encoder, text_finetune, text_trainable_layers)
         C_l = self.text_encoder.dim
@@ -91,11 +96,9 @@ class CRFormer(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict, device: Union[torch.device, str, None] = None) -> "CRFormer":
         """Build from a full config dict (see :mod:`crformer.config`): the one place that reads it.
-        ``device``: where the model will run, for ``model.attn_backend: auto`` (triton on CUDA,
-        reference on CPU; None: CUDA when available). The model is built on CPU either way."""
+        ``device``: where the model will run (the constructor's ``device``). Built on CPU either way."""
         m, d = cfg["model"], cfg["data"]
-        return cls(**{**m, "attn_backend": resolve_backend(m["attn_backend"], device)},
-                   image_size=d["image_size"], max_tokens=d["max_tokens"])
+        return cls(**m, image_size=d["image_size"], max_tokens=d["max_tokens"], device=device)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward instead of keeping them: every Swin stage (timm's own

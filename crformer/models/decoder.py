@@ -9,14 +9,14 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from crformer.models.layers import FFN, LayerNorm, MultiHeadAttention, ignore_removed_state
-from crformer.ops import resolve_backend
+from crformer.ops import AttentionBackend
 
 
 class CrossAttentionLayer(nn.Module):
     """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``) →
     B×M×D. ``fold_decoder_attention``: projections folded into the queries (:class:`MultiHeadAttention`)."""
 
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto", fold_decoder_attention: bool = False):
+    def __init__(self, dim: int, num_heads: int, attn_backend: AttentionBackend | str = "reference", fold_decoder_attention: bool = False):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend,
                                        fold_decoder_attention=fold_decoder_attention)
@@ -30,7 +30,7 @@ class CrossAttentionLayer(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Self-attention among the queries, B×M×D → B×M×D."""
 
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_backend: AttentionBackend | str = "reference"):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend)
         self.norm = LayerNorm(dim)
@@ -56,7 +56,7 @@ class CalibrationLayer(nn.Module):
     """Re-injects the ORIGINAL language: the layer output attends over the word features
     (B×L×D, key padding mask B×L) and is fused back by residual + norm: B×M×D → B×M×D."""
 
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_backend: AttentionBackend | str = "reference"):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend)
         self.ffn = FFNLayer(dim, 2 * dim)
@@ -75,7 +75,7 @@ class CalibrationDecoderLayer(nn.Module):
     submodules ``ffn`` and ``calibration``, which forward hooks can read.
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, attn_backend: str = "auto",
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, attn_backend: AttentionBackend | str = "reference",
                  fold_decoder_attention: bool = False):
         super().__init__()
         self.cross = CrossAttentionLayer(dim, num_heads, attn_backend=attn_backend,
@@ -112,7 +112,7 @@ class CalibrationDecoder(nn.Module):
         dim: D, the query and memory width.  num_layers: N_d.  num_heads: attention heads.
         ffn_dim: hidden width of each layer's FFN.  num_queries: N_q (the learned query positions).
         calibration: re-inject the language after every layer (False: a plain decoder, ablation).
-        attn_backend: see :class:`MultiHeadAttention` (decided once, here).
+        attn_backend: see :class:`MultiHeadAttention` (decided by the model).
         fold_decoder_attention: fold the cross-attention's K/V projections into the queries (same
             function, one :func:`crformer.ops.memory_attention` call per layer).
     """
@@ -120,10 +120,9 @@ class CalibrationDecoder(nn.Module):
     grad_checkpointing: bool = False
 
     def __init__(self, *, dim: int = 128, num_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
-                 num_queries: int = 16, calibration: bool = True, attn_backend: str = "auto",
+                 num_queries: int = 16, calibration: bool = True, attn_backend: AttentionBackend | str = "reference",
                  fold_decoder_attention: bool = False):
         super().__init__()
-        attn_backend = resolve_backend(attn_backend)
         self.layers = nn.ModuleList(
             CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration=calibration, attn_backend=attn_backend,
                                     fold_decoder_attention=fold_decoder_attention)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from crformer.models.decoder import CrossAttentionLayer, FFNLayer
 from crformer.models.layers import ignore_removed_state
 from crformer.models.pixel_decoder import conv_gn_relu
+from crformer.ops import AttentionBackend
 
 
 def _mlp(din: int, hidden: int, dout: int, layers: int, last_bias: bool = True) -> nn.Sequential:
@@ -73,7 +74,7 @@ class LanguageReconstructionModule(nn.Module):
     """
 
     def __init__(self, *, dim: int = 128, lang_dim: int = 384, max_tokens: int = 20, num_heads: int = 4,
-                 attn_backend: str = "auto"):
+                 attn_backend: AttentionBackend | str = "reference"):
         super().__init__()
         self.slots = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
         self.attn = CrossAttentionLayer(dim, num_heads, attn_backend=attn_backend)

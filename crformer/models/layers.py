@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crformer.ops import cross_attention, memory_attention, resolve_backend
+from crformer.errors import UserError
+from crformer.ops import BACKENDS, AttentionBackend, cross_attention, memory_attention
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -66,6 +67,17 @@ def _drop_state(names: tuple, _module: nn.Module, state_dict: dict, prefix: str,
         state_dict.pop(prefix + name, None)
 
 
+def registered_backend(attn_backend: AttentionBackend | str) -> AttentionBackend:
+    """The registry entry a module keeps: ``attn_backend`` itself, or the entry of that name. ``"auto"``
+    is not accepted here: it depends on the device, which the model decides (``CRFormer(device=…)``)."""
+    if isinstance(attn_backend, AttentionBackend):
+        return attn_backend
+    if attn_backend not in BACKENDS:
+        raise UserError(f"unknown attention backend {attn_backend!r} for a module; choose one of {', '.join(BACKENDS)} "
+                        "('auto' is decided by CRFormer, or crformer.ops.backend_for)")
+    return BACKENDS[attn_backend]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention whose core is :func:`crformer.ops.cross_attention`.
 
@@ -74,9 +86,10 @@ class MultiHeadAttention(nn.Module):
     without ``key_pos``; ``key_padding_mask`` is B×N bool with True = valid key. Every attention
     site of the model goes through this class, so the backend choice reaches all of them.
 
-    ``attn_backend`` is decided here, once: a name in :data:`crformer.ops.BACKENDS`, or ``"auto"``,
-    which :func:`crformer.ops.resolve_backend` turns into one (``$CRFORMER_ATTN_BACKEND``, else
-    triton when CUDA is available, else reference); the module keeps the name (``self.attn_backend``).
+    ``attn_backend``: an entry of :data:`crformer.ops.BACKENDS` or its name, already decided — by
+    :class:`~crformer.models.CRFormer` for a model (``"auto"`` is resolved there, once, for the device
+    the model runs on; :func:`crformer.ops.backend_for` does the same for a module built alone). The
+    module keeps the entry (``self.backend``; its name is ``self.attn_backend``) and calls it directly.
 
     The key projection has no bias: it would add a per-query constant to every score, which softmax
     cancels, so it could never learn (its gradient is 0). Checkpoints from before still load: their
@@ -93,18 +106,22 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_q: int, d_kv: int, d_attn: int, num_heads: int, d_out: Optional[int] = None,
-                 attn_backend: str = "auto", fold_decoder_attention: bool = False):
+                 attn_backend: AttentionBackend | str = "reference", fold_decoder_attention: bool = False):
         super().__init__()
         if d_attn % num_heads:
             raise ValueError(f"attention width {d_attn} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.attn_backend = resolve_backend(attn_backend)
+        self.backend = registered_backend(attn_backend)
         self.fold_decoder_attention = fold_decoder_attention
         self.q_proj = nn.Linear(d_q, d_attn)
         self.k_proj = nn.Linear(d_kv, d_attn, bias=False)
         self.v_proj = nn.Linear(d_kv, d_attn)
         self.out_proj = nn.Linear(d_attn, d_out or d_q)
         ignore_removed_state(self, "k_proj.bias")
+
+    @property
+    def attn_backend(self) -> str:
+        return self.backend.name
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -120,7 +137,7 @@ class MultiHeadAttention(nn.Module):
         value = key if value is None else value
         key = key if key_pos is None else key + key_pos
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        out = cross_attention(q, k, v, key_padding_mask, backend=self.attn_backend)
+        out = cross_attention(q, k, v, key_padding_mask, backend=self.backend)
         B, H, M, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, M, H * d))
 
@@ -135,7 +152,7 @@ class MultiHeadAttention(nn.Module):
         # Under autocast the projections would have cast the memory to q's dtype; the op needs one dtype.
         memory, pos = memory.to(q.dtype), None if pos is None else pos.to(q.dtype)
         ctx = memory_attention(folded, memory, pos, key_padding_mask, scale=dh ** -0.5,
-                               backend=self.attn_backend).view(B, M, H, d_kv)
+                               backend=self.backend).view(B, M, H, d_kv)
         w_v = self.v_proj.weight.view(H, dh, d_kv).to(ctx.dtype)
         out = torch.einsum("bmhc,hdc->bmhd", ctx, w_v)
         bias = self.v_proj.bias.view(H, dh).to(out.dtype)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from crformer.models.layers import LayerNorm, MultiHeadAttention, ignore_removed_state
+from crformer.ops import AttentionBackend
 
 
 class QueryGenerationModule(nn.Module):
@@ -23,7 +24,7 @@ class QueryGenerationModule(nn.Module):
         num_heads: heads of the word attention.  attn_backend: see :class:`MultiHeadAttention`.
     """
 
-    def __init__(self, *, dim: int = 128, num_queries: int = 16, num_heads: int = 4, attn_backend: str = "auto"):
+    def __init__(self, *, dim: int = 128, num_queries: int = 16, num_heads: int = 4, attn_backend: AttentionBackend | str = "reference"):
         super().__init__()
         self.context = nn.Linear(dim, dim)
         self.spatial = nn.Conv2d(dim, num_queries, 1, bias=False)

@@ -16,9 +16,13 @@ Backends live in one registry, :data:`BACKENDS` (name → :class:`AttentionBacke
 ``CRFORMER_ATTN_BACKEND`` and the tests all read it, so a backend registered there is selectable and
 tested (tests/kernels/test_backends.py runs every registered backend against the float64 oracle).
 
-The model decides once, when a module is built: :func:`resolve_backend` turns ``"auto"`` into a
-name (the env var if set, else ``triton`` on CUDA / ``reference`` on CPU) and each attention module
-keeps that name. A direct call with ``backend=None`` resolves the same way for its tensors' device.
+The model decides once, in :class:`crformer.models.CRFormer`'s constructor (which
+:meth:`~crformer.models.CRFormer.from_config` calls with the device the model will run on):
+:func:`resolve_backend` turns ``"auto"`` into a name (the env var if set, else ``triton`` on CUDA /
+``reference`` on CPU), :func:`backend_for` checks that it can run there, and every attention module
+keeps that registry entry and passes it to these functions, which then call it directly: no
+resolution, no import check per call. A direct call with ``backend=None``/``"auto"`` resolves and checks
+for its tensors' device; one with a name looks the name up and runs it.
 (``reference`` is CPU's default because torch's SDPA picks its flash kernel on CPU once a key mask
 is given, and its backward is the slower one at our shapes: benchmarks/NOTES.md, "CPU attention
 backend for training".)
@@ -169,17 +173,23 @@ def resolve_backend(name: Optional[str] = None, device: Union[torch.device, str,
     return "triton" if torch.device(device).type == "cuda" else "reference"
 
 
-def _backend(name: Optional[str], device: torch.device) -> AttentionBackend:
-    """The registry entry for ``name`` (resolved for ``device`` unless a module already resolved it), or
-    a UserError saying why it cannot run. Under torch.compile that check is skipped: it imports the
-    backend's module, which dynamo cannot trace (a graph break per attention call, 35 in the compiled
-    triton step); a backend that cannot run then fails in its own code instead of with this message."""
-    backend = BACKENDS[name] if name in BACKENDS else BACKENDS[resolve_backend(name, device)]
-    if not torch.compiler.is_compiling():
-        why = backend.unavailable(device)
-        if why is not None:
-            raise UserError(f"attention backend {backend.name!r} {why}")
+def backend_for(name: Optional[str], device: Union[torch.device, str, None] = None) -> AttentionBackend:
+    """The registry entry that ``name`` means on ``device`` (:func:`resolve_backend`), or a UserError
+    saying why it cannot run there. Modules keep the entry; the model calls this once, when built."""
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = BACKENDS[resolve_backend(name, device)]
+    why = backend.unavailable(device)
+    if why is not None:
+        raise UserError(f"attention backend {backend.name!r} {why}")
     return backend
+
+
+def _entry(backend: Union[AttentionBackend, str, None], device: torch.device) -> AttentionBackend:
+    if isinstance(backend, AttentionBackend):
+        return backend
+    if backend in (None, "", "auto"):
+        return backend_for(backend, device)
+    return BACKENDS[resolve_backend(backend)]  # a name: looked up (an unknown one is a UserError)
 
 
 def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
@@ -189,12 +199,13 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
         q: B×H×M×d queries.  k, v: B×H×N×d keys and values.
         key_padding_mask: optional B×N bool, True = key is valid.
         scale: softmax scale, default d^-1/2.
-        backend: a name in :data:`BACKENDS`, or ``"auto"``/None (see :func:`resolve_backend`).
+        backend: an entry of :data:`BACKENDS` (what a module keeps) or its name, called as is; or
+            ``"auto"``/None: resolved and checked for q's device (:func:`backend_for`).
     Returns:
         B×H×M×d, q's dtype; 0 for rows with no valid key.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
-    return _backend(backend, q.device).cross_attention(q, k, v, key_padding_mask, scale)
+    return _entry(backend, q.device).cross_attention(q, k, v, key_padding_mask, scale)
 
 
 def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, backend=None):
@@ -211,7 +222,7 @@ def memory_attention(q, memory, pos=None, key_padding_mask=None, scale=None, bac
         B×M×D, q's dtype; 0 for rows with no valid key.
     """
     check_memory_attention_inputs(q, memory, pos, key_padding_mask)
-    backend = _backend(backend, q.device)
+    backend = _entry(backend, q.device)
     if backend.memory_attention is not None:
         return backend.memory_attention(q, memory, pos, key_padding_mask, scale)
     return backend.cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]
