@@ -129,14 +129,15 @@ def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg["eval"]["batch_size"], collate_fn=Collate(tokenizer))
             for batch in loader:
                 captured.clear()
-                ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                batch = batch.to(device)
+                ids, am = batch.input_ids, batch.attention_mask
                 with autocast_context(device, cfg["train"]["amp"]):
-                    model(batch["image"].to(device), ids, am)
+                    model(batch.images, ids, am)
                 for key, store in per_layer.items():
                     store.append(captured[key].cpu())
                 lang = model.text_encoder(ids, am.bool()).float()
                 sentences.append(masked_pool(lang, am.bool()).cpu())
-                for i in batch["index"].tolist():
+                for i in batch.index.tolist():
                     for name, words in PROBE_WORDS.items():
                         labels[name].append(word_label(ds.samples[i].sentence, words))
     finally:

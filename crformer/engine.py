@@ -118,9 +118,9 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
 
         loader = tqdm(loader, desc=f"eval {split}", leave=False)
     for batch in loader:
-        images = batch["image"].to(device)
-        logits = predict_logits(model, images, batch["input_ids"], batch["attention_mask"], amp)
-        idx = batch["index"].tolist()
+        batch = batch.to(device)
+        logits = predict_logits(model, batch.images, batch.input_ids, batch.attention_mask, amp)
+        idx = batch.index.tolist()
         gts = [refer.mask(ds.samples[i]) for i in idx]
         for b, i in enumerate(idx):
             s, gt = ds.samples[i], gts[b]
@@ -142,7 +142,7 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
         pairs = [(b, i, partner[i]) for b, i in enumerate(idx) if i in partner]
         if pairs:
             ids, am = tokenizer([ds.samples[j].sentence for _, _, j in pairs])
-            swapped = predict_logits(model, images[[b for b, _, _ in pairs]], ids, am, amp)
+            swapped = predict_logits(model, batch.images[[b for b, _, _ in pairs]], ids, am, amp)
             for k, (b, i, j) in enumerate(pairs):
                 pred = upsample_mask(swapped[k], gts[b].shape)
                 follow.update(pred, refer.mask(ds.samples[j]))

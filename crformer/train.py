@@ -26,7 +26,7 @@ from crformer.cli import check_writable, config_args, parser, quiet_libraries, r
 from crformer.config import load_config, merge_config
 from crformer.data import open_refer
 from crformer.files import append_line, write_bytes_atomic
-from crformer.data.dataset import Collate, RefDataset
+from crformer.data.dataset import Batch, Collate, RefDataset
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
 from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
 from crformer.errors import UserError
@@ -81,22 +81,21 @@ def poly_with_warmup(total: int, warmup: int, power: float, hold: float = 0.0):
     return f
 
 
-def accumulate_gradients(forward_loss, inputs: list, accum: int, no_sync=contextlib.nullcontext) -> dict:
-    """Backward of one batch in ``accum`` equal micro-batches: the gradients (and the returned,
-    detached loss terms) equal those of the whole batch at once.
+def accumulate_gradients(forward_loss, batch: Batch, accum: int, no_sync=contextlib.nullcontext) -> dict:
+    """Backward of one :class:`Batch` in ``accum`` equal micro-batches: the gradients (and the
+    returned, detached loss terms) equal those of the whole batch at once.
 
-    ``inputs``: [images B×3×S×S, input_ids B×L, attention_mask B×L, target B×H×W]; ``forward_loss(
-    images, ids, mask, target, num_tokens)`` → loss terms of a micro-batch. Every term is a mean over
+    ``forward_loss(images=, input_ids=, attention_mask=, target=, num_tokens=)`` → loss terms of a
+    micro-batch (the batch's tensors, by name). Every term is a mean over
     samples or pixels except the reconstruction loss, a mean over valid tokens: each micro-batch
     divides by the whole batch's token count ÷ ``accum``. ``no_sync``: DDP's, so the gradients are
     all-reduced once, after the last micro-batch."""
-    micro = inputs[0].shape[0] // accum
-    num_tokens = inputs[2].sum() / accum
+    num_tokens = batch.attention_mask.sum() / accum
     total: dict = {}
-    for i in range(accum):
-        part = [x[i * micro:(i + 1) * micro] for x in inputs]
+    for i, part in enumerate(batch.split(accum)):
         with no_sync() if i < accum - 1 else contextlib.nullcontext():
-            terms = forward_loss(*part, num_tokens)
+            terms = forward_loss(images=part.images, input_ids=part.input_ids, attention_mask=part.attention_mask,
+                                 target=part.target, num_tokens=num_tokens)
             (terms["total"] / accum).backward()
         for k, v in terms.items():
             total[k] = total.get(k, 0) + v.detach() / accum
@@ -221,15 +220,11 @@ class Trainer:
             out = self.ddp(images, input_ids, attention_mask)
             return crformer_loss(out, target, self.cfg["loss"], num_tokens)
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch: Batch) -> dict:
         t = self.cfg["train"]
-        # The token ids stay on the host: the text encoder reads them as its cache keys, which on a
-        # device copy would be a device→host wait in every step.
-        inputs = [batch[k] if k == "input_ids" else batch[k].to(self.device, non_blocking=True)
-                  for k in ("image", "input_ids", "attention_mask", "mask")]
         self.optimizer.zero_grad(set_to_none=True)
         no_sync = self.ddp.no_sync if self.world > 1 else contextlib.nullcontext
-        terms = accumulate_gradients(self.step_loss, inputs, t["grad_accum"], no_sync)
+        terms = accumulate_gradients(self.step_loss, batch.to(self.device, non_blocking=True), t["grad_accum"], no_sync)
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
         self.optimizer.step()
@@ -265,7 +260,7 @@ class Trainer:
                 if not all(math.isfinite(v) for v in terms.values()):
                     raise RuntimeError(f"non-finite loss at step {self.step}: {terms}")
                 now = time.perf_counter()
-                ips = len(batch["index"]) * self.world / (now - tick)
+                ips = len(batch) * self.world / (now - tick)
                 tick = now
                 if self.step % t["log_every"] == 0 or self.step == max_steps:
                     self.log({"step": self.step, "epoch": epoch, **terms,

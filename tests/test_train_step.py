@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from crformer import train
 from crformer.cli import run
 from crformer.config import load_config
-from crformer.data.dataset import Collate
+from crformer.data.dataset import Batch, Collate
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
 from crformer.train import accumulate_gradients
@@ -30,22 +30,22 @@ def float64_model(*overrides: str):
     return cfg, model
 
 
-def random_batch(model, batch: int, size: int = 64, length: int = 20, seed: int = 1) -> list:
+def random_batch(model, batch: int, size: int = 64, length: int = 20, seed: int = 1) -> Batch:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, length + 1, (batch,), generator=g)
     mask = torch.arange(length)[None] < lengths[:, None]
     ids = torch.randint(1000, model.text_encoder.bert.config.vocab_size, (batch, length), generator=g) * mask
     images = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
     target = (torch.rand(batch, size, size, generator=g) > 0.6).double()
-    return [images, ids, mask, target]
+    return Batch(images, ids, mask, target, index=torch.arange(batch), sentences=[""] * batch)
 
 
-def gradients(model, cfg, inputs, accum: int) -> tuple[dict, dict]:
-    def forward_loss(images, ids, mask, target, num_tokens):
-        return crformer_loss(model(images, ids, mask), target, cfg["loss"], num_tokens)
+def gradients(model, cfg, batch: Batch, accum: int) -> tuple[dict, dict]:
+    def forward_loss(images, input_ids, attention_mask, target, num_tokens):
+        return crformer_loss(model(images, input_ids, attention_mask), target, cfg["loss"], num_tokens)
 
     model.zero_grad(set_to_none=True)
-    terms = accumulate_gradients(forward_loss, inputs, accum)
+    terms = accumulate_gradients(forward_loss, batch, accum)
     return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -55,9 +55,9 @@ def test_grad_accum_4_gives_the_update_of_the_whole_batch():
     # (logits.float(), for bf16 training), so terms and gradients agree to fp32 rounding of sums
     # (seen: 1e-9 relative), not to float64's; a wrong divisor or a missing micro-batch is ≥ 1e-2.
     cfg, model = float64_model("loss.rec_sentence_weight=0.5")
-    inputs = random_batch(model, 8)
-    whole_terms, whole = gradients(model, cfg, inputs, accum=1)
-    accum_terms, accumulated = gradients(model, cfg, inputs, accum=4)
+    batch = random_batch(model, 8)
+    whole_terms, whole = gradients(model, cfg, batch, accum=1)
+    accum_terms, accumulated = gradients(model, cfg, batch, accum=4)
     assert whole.keys() == accumulated.keys() and len(whole) > 100
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-9, atol=1e-12, msg=name)
@@ -66,17 +66,17 @@ def test_grad_accum_4_gives_the_update_of_the_whole_batch():
     # The token-averaged reconstruction term is what needs the whole batch's divisor: the sentences
     # have different lengths, so a plain mean of micro-batch means would differ.
     assert whole_terms["rec"] != pytest.approx(
-        sum(crformer_loss(model(*x[:3]), x[3], cfg["loss"])["rec"].item()
-            for x in zip(*[t.split(2) for t in inputs])) / 4, rel=1e-9)
+        sum(crformer_loss(model(x.images, x.input_ids, x.attention_mask), x.target, cfg["loss"])["rec"].item()
+            for x in batch.split(4)) / 4, rel=1e-9)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
     cfg, model = float64_model()
-    inputs = random_batch(model, 4)
-    _, plain = gradients(model, cfg, inputs, accum=1)
+    batch = random_batch(model, 4)
+    _, plain = gradients(model, cfg, batch, accum=1)
     model.set_grad_checkpointing(True)
     assert model.decoder.grad_checkpointing and all(s.grad_checkpointing for s in model.backbone.swin.layers)
-    _, recomputed = gradients(model, cfg, inputs, accum=1)
+    _, recomputed = gradients(model, cfg, batch, accum=1)
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-12, atol=1e-14, msg=name)
 
@@ -132,7 +132,7 @@ def test_a_step_reads_device_values_once_at_its_end(finetune, data_cache, tmp_pa
         pytest.skip("this transformers' BERT checks its 2-D padding mask on the host in every forward")
     batch = Collate(trainer.tokenizer)([trainer.train_set[i] for i in range(trainer.local_batch)])
     trainer.train_step(batch)  # the first step fills the text cache
-    host_ids = batch["input_ids"].untyped_storage().data_ptr()
+    host_ids = batch.input_ids.untyped_storage().data_ptr()
     with HostReads() as host, SyncingOps() as ops:
         terms = trainer.train_step(batch)
     on_ids = [name for name, t in host.reads if t.untyped_storage().data_ptr() == host_ids]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,8 +71,9 @@ class RefDataset(Dataset):
     (deterministically from ``(seed, epoch, index)``, so ``--resume`` sees the same data).
     ``train=False``: one item per sentence (evaluation uses every sentence).
 
-    Items: ``{"image": 3×S×S float, "mask": S×S float {0,1}, "sentence": str, "index": int}``
-    where ``index`` points into :attr:`samples`.
+    Items: ``{"image": 3×S×S float, "target": S×S float {0,1}, "sentence": str, "index": int}``
+    where ``target`` is the referred object's mask and ``index`` points into :attr:`samples`;
+    :class:`Collate` stacks them into a :class:`Batch`.
     """
 
     def __init__(self, refer: REFER, split: str, image_size: int, train: bool, seed: int = 0,
@@ -121,23 +124,59 @@ class RefDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         idx = self.sample_index(item)
         s = self.samples[idx]
-        return {"image": self.image(s), "mask": torch.from_numpy(self.target(s).astype(np.float32)),
+        return {"image": self.image(s), "target": torch.from_numpy(self.target(s).astype(np.float32)),
                 "sentence": s.sentence, "index": idx}
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A collated batch, as it goes from :class:`Collate` through the training step and the loss.
+
+    Attributes:
+        images: B×3×S×S float, normalised.  input_ids: B×L long.  attention_mask: B×L bool (True =
+            a token).  target: B×S×S float {0,1}, the referred object's mask (the ground truth).
+        index: B long, each sample's position in the dataset's ``samples``.  sentences: the B sentences.
+    """
+
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+    sentences: list
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """Images, attention mask and target on ``device``. The token ids stay on the host: the text
+        encoder reads them as its cache keys, which on a device copy would be a device→host wait."""
+        return dataclasses.replace(self, images=self.images.to(device, non_blocking=non_blocking),
+                                   attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
+                                   target=self.target.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked tensors (the DataLoader's ``pin_memory=True`` calls this)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory()
+                                            for f in dataclasses.fields(self) if f.name != "sentences"})
+
+    def split(self, parts: int) -> list["Batch"]:
+        """``parts`` consecutive micro-batches of B / ``parts`` samples each (B must divide)."""
+        n = len(self) // parts
+        return [Batch(self.images[i * n:(i + 1) * n], self.input_ids[i * n:(i + 1) * n],
+                      self.attention_mask[i * n:(i + 1) * n], self.target[i * n:(i + 1) * n],
+                      self.index[i * n:(i + 1) * n], self.sentences[i * n:(i + 1) * n]) for i in range(parts)]
+
+
 class Collate:
-    """Stacks items and tokenises their sentences: adds ``input_ids`` and ``attention_mask`` (B×L)."""
+    """Stacks dataset items into a :class:`Batch`, tokenising their sentences."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list) -> dict:
-        ids, mask = self.tokenizer([it["sentence"] for it in items])
-        return {
-            "image": torch.stack([it["image"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items]),
-            "input_ids": ids,
-            "attention_mask": mask,
-            "index": torch.tensor([it["index"] for it in items]),
-            "sentence": [it["sentence"] for it in items],
-        }
+    def __call__(self, items: list) -> Batch:
+        sentences = [it["sentence"] for it in items]
+        ids, mask = self.tokenizer(sentences)
+        return Batch(images=torch.stack([it["image"] for it in items]), input_ids=ids, attention_mask=mask,
+                     target=torch.stack([it["target"] for it in items]),
+                     index=torch.tensor([it["index"] for it in items]), sentences=sentences)
