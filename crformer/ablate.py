@@ -131,7 +131,7 @@ def layer_features(model, refer, splits, cfg: dict, tokenizer, device) -> tuple:
                 captured.clear()
                 batch = batch.to(device)
                 ids, am = batch.input_ids, batch.attention_mask
-                with autocast_context(device, cfg["train"]["amp"]):
+                with autocast_context(device, cfg["eval"]["amp"]):
                     model(batch.images, ids, am)
                 for key, store in per_layer.items():
                     store.append(captured[key].cpu())

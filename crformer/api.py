@@ -127,6 +127,6 @@ class Segmenter:
             images = [as_rgb_image(im) for im, _ in chunk]
             ids, attn = self.tokenizer([sentence for _, sentence in chunk])
             x = torch.stack([image_to_tensor(im, size) for im in images]).to(self.device)
-            logits = predict_logits(self.model, x, ids, attn, self.cfg["train"]["amp"])
+            logits = predict_logits(self.model, x, ids, attn, self.cfg["eval"]["amp"])
             masks += [upsample_mask(lg, (im.height, im.width)) for lg, im in zip(logits, images)]
         return masks

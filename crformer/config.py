@@ -99,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "language_check": True,        # swap each sentence for another object's in the same image
         "compile": "none",             # evaluate / predict / Segmenter: none | default | max-autotune
+        "amp": "auto",                 # inference precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | none
     },
 }
 
@@ -342,7 +343,7 @@ RULES: dict[str, tuple] = {
     "train.log_every": _int(1), "train.num_threads": _int(0), "train.max_steps": _int(0),
     "train.checkpoint_every": _int(0),
     "eval.protocol": _one_of("original", "lavt"), "eval.batch_size": _int(1), "eval.language_check": _BOOL,
-    "eval.compile": _one_of("none", "default", "max-autotune"),
+    "eval.compile": _one_of("none", "default", "max-autotune"), "eval.amp": _one_of("auto", "bf16", "none"),
 }
 
 

@@ -39,11 +39,12 @@ def parse_device(name: str | torch.device | None) -> torch.device:
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast: ``auto`` = on CUDA only, ``bf16`` = always, ``none`` = never."""
+    """bf16 autocast (``train.amp`` in training, ``eval.amp`` in inference): ``auto`` = on CUDA only,
+    ``bf16`` = always, ``none`` = never."""
     if amp not in ("auto", "bf16", "none"):
         from crformer.errors import UserError
 
-        raise UserError(f"train.amp must be auto, bf16 or none; got {amp!r}")
+        raise UserError(f"amp must be auto, bf16 or none; got {amp!r}")
     on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
@@ -100,7 +101,7 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
     "language_check": {...} (when asked)}``; metrics as :meth:`RISMetrics.compute`.
     """
     size = cfg["data"]["image_size"]
-    amp = cfg["train"]["amp"]
+    amp = cfg["eval"]["amp"]
     ds = RefDataset(refer, split, size, train=False, preload=cfg["data"]["preload"])
     shard = list(range(rank, len(ds), world))
     loader = DataLoader(Subset(ds, shard), batch_size=cfg["eval"]["batch_size"], shuffle=False,

@@ -74,3 +74,19 @@ def test_inference_compiles_on_eval_compile_not_on_train_compile(checkpoint):
     assert not isinstance(trained_compiled.model, compiled)
     asked = Segmenter.from_checkpoint(checkpoint, device="cpu", overrides=["eval.compile=default"])
     assert isinstance(asked.model, compiled)
+
+
+@pytest.mark.parametrize("train_amp", ["bf16", "none"])
+def test_inference_precision_is_eval_amp_not_train_amp(checkpoint, monkeypatch, train_amp):
+    """eval.amp decides inference precision (auto: fp32 on CPU) whatever the run trained with."""
+    import crformer.api
+
+    seen = []
+    real = crformer.api.predict_logits
+    monkeypatch.setattr(crformer.api, "predict_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    image = scene(20, 24, 3)
+    for eval_amp in ("auto", "bf16", "none"):
+        seg = Segmenter.from_checkpoint(checkpoint, device="cpu", overrides=[f"train.amp={train_amp}",
+                                                                              f"eval.amp={eval_amp}"])
+        seg(image, "the red circle")
+    assert seen == ["auto", "bf16", "none"]
