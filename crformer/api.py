@@ -22,10 +22,10 @@ from crformer.checkpoint import load_checkpoint, load_model_state
 from crformer.config import merge_config
 from crformer.data.dataset import image_to_tensor
 from crformer.data.image import INFERENCE_MAX_SIDE, load_image, to_rgb
+from crformer.data.tokenizer import SentenceTokenizer
 from crformer.engine import compile_mode, parse_device, predict_logits, upsample_mask
 from crformer.errors import UserError
 from crformer.models import CRFormer
-from crformer.models.text_encoder import SentenceTokenizer
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 

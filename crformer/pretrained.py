@@ -46,7 +46,7 @@ def save_pretrained(model: torch.nn.Module, cfg: dict, folder: str | Path) -> Pa
     from safetensors.torch import save
 
     from crformer.checkpoint import code_version
-    from crformer.models.text_encoder import EMBEDDED
+    from crformer.text_folder import EMBEDDED
 
     folder = Path(folder).expanduser()
     check_target(folder)
@@ -72,7 +72,7 @@ def load_pretrained(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     ``config.model.text_encoder`` comes back as the name or folder to load the text encoder from."""
     from safetensors.torch import load_file
 
-    from crformer.models.text_encoder import EMBEDDED
+    from crformer.text_folder import EMBEDDED
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -156,7 +156,7 @@ def _write(path: Path, data: bytes, what: str) -> str:
 def _write_text_encoder(encoder, name: str, folder: Path) -> dict[str, str]:
     """The text encoder's weights (safetensors), config and tokenizer as ``folder/text_encoder/``;
     ``{relative name: SHA-256}``."""
-    from crformer.models.text_encoder import load_tokenizer
+    from crformer.data.tokenizer import load_tokenizer
 
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +185,7 @@ def _remove_unlisted(folder: Path, files: dict) -> None:
 
 
 def _embedded_weights() -> Path:
-    from crformer.models.text_encoder import EMBEDDED, WEIGHT_FILES, resolve_text_encoder_path
+    from crformer.text_folder import EMBEDDED, WEIGHT_FILES, resolve_text_encoder_path
 
     path = resolve_text_encoder_path(EMBEDDED)
     return next(path / f for f in WEIGHT_FILES if (path / f).is_file())

@@ -187,7 +187,7 @@ def test_predict_converts_unusual_images(trained, tmp_path, mode):
 
 
 def test_long_sentence_is_truncated_with_one_warning(trained, tmp_path):
-    from crformer.models.text_encoder import SentenceTokenizer
+    from crformer.data.tokenizer import SentenceTokenizer
 
     tok = SentenceTokenizer("minilm", 8)
     with pytest.warns(UserWarning, match="truncated") as rec:

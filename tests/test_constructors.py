@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from crformer.config import DEFAULTS, load_config
+from crformer.data.tokenizer import SentenceTokenizer
 from crformer.models import CRFormer
 from crformer.models.backbone import SwinVLFEncoder
 from crformer.models.decoder import CalibrationDecoder
@@ -17,7 +18,6 @@ from crformer.models.heads import LanguageReconstructionModule, MaskHead
 from crformer.models.layers import MultiHeadAttention
 from crformer.models.pixel_decoder import PixelDecoder
 from crformer.models.qgm import QueryGenerationModule
-from crformer.models.text_encoder import SentenceTokenizer
 from crformer.ops import AttentionBackend
 from tests.helpers import TINY_MODEL
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from crformer.config import load_config
+from crformer.data.tokenizer import SentenceTokenizer
 from crformer.models import build_model
 from crformer.models.layers import GroupNorm, LayerNorm, MultiHeadAttention
-from crformer.models.text_encoder import SentenceTokenizer
 from crformer.ops import BACKENDS
 from tests.helpers import TINY_MODEL, skip_unless_backend_runs
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from crformer.config import load_config
+from crformer.data.tokenizer import SentenceTokenizer
 from crformer.errors import UserError
 from crformer.models import build_model
 from crformer.models.decoder import CalibrationLayer
 from crformer.models.losses import crformer_loss, reconstruction_loss
-from crformer.models.text_encoder import SentenceTokenizer
 from crformer.ops import BACKENDS
 from tests.helpers import TINY_MODEL, skip_unless_backend_runs
 

@@ -137,7 +137,7 @@ def hostile_files(ws: Path) -> None:
         c = torch.load(ws / "run" / "best.pt", weights_only=True)
         change(c)
         torch.save(c, ws / f"{variant}.pt")
-    from crformer.models.text_encoder import resolve_text_encoder_path
+    from crformer.text_folder import resolve_text_encoder_path
 
     minilm = resolve_text_encoder_path("minilm")
     (ws / "automap").mkdir()
@@ -300,7 +300,7 @@ def test_checkpoints_get_the_permissions_of_the_other_outputs(world):
 
 
 def test_sentences_without_words_warn(world):
-    from crformer.models.text_encoder import SentenceTokenizer
+    from crformer.data.tokenizer import SentenceTokenizer
 
     tok = SentenceTokenizer("minilm", 20)
     for sentence in ["🙂🙂🙂", "\u200b\u200b", "?!...", "🙂 ,"]:

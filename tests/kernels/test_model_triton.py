@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from crformer.config import load_config
+from crformer.data.tokenizer import SentenceTokenizer
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
-from crformer.models.text_encoder import SentenceTokenizer
 from tests.helpers import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
