@@ -591,6 +591,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from crformer.cli import run
+    from crformer.process import run
 
     run(main)

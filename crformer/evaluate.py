@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crformer.cli import check_writable, parser, quiet_libraries, run
+from crformer.cli import parser, quiet_libraries
 from crformer.errors import UserError
-from crformer.files import write_bytes_atomic
+from crformer.files import check_writable, write_bytes_atomic
+from crformer.process import run
 
 
 def split_names(text: str) -> list[str]:

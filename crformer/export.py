@@ -7,7 +7,9 @@ the checkpoint's. A non-empty DIR must be an earlier export, which is replaced (
 
 from __future__ import annotations
 
-from crformer.cli import check_writable, parser, quiet_libraries, run
+from crformer.cli import parser, quiet_libraries
+from crformer.files import check_writable
+from crformer.process import run
 
 
 def main(argv=None) -> None:

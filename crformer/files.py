@@ -107,3 +107,25 @@ def append_line(path: str | os.PathLike, line: str, what: str) -> None:
             f.write(line + "\n")
     except OSError as e:
         raise UserError(f"cannot write {what} {path}: {_write_failure(e, Path(path).parent)}") from None
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """UserError unless ``path`` (a file, or a folder with ``folder=True``) can be written; checked
+    before any work, by a probe that leaves nothing behind (``os.access`` says yes to root on a
+    read-only mount)."""
+    p = Path(path).expanduser()
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{what} {p} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
+    if not folder and p.exists() and not p.is_file():  # a device or a FIFO: writing would hang or vanish
+        raise UserError(f"{what} {p} exists and is not a regular file")
+    probe = p if folder and p.exists() else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write {what} {p}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {what} {p}: {e.strerror or e} in {probe}") from None
+    return p

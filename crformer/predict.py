@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from crformer.cli import check_writable, parser, quiet_libraries, run
+from crformer.cli import parser, quiet_libraries
 from crformer.errors import UserError
-from crformer.files import atomic_write
+from crformer.files import atomic_write, check_writable
+from crformer.process import run
 
 
 def main(argv=None) -> None:

@@ -24,9 +24,11 @@ import json
 import statistics
 
 from crformer.ablate import Run, int_list, train_runs, unfinished
-from crformer.cli import check_writable, parser, quiet_libraries, run
+from crformer.cli import parser, quiet_libraries
 from crformer.config import load_config
 from crformer.errors import UserError
+from crformer.files import check_writable
+from crformer.process import run
 
 #: Issue 21's targets for the default run: val easy and hard mIoU at least, the language check's IoU
 #: with the old target (both val splits) at most.

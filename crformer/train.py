@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from crformer.checkpoint import (code_version, load_checkpoint, load_model_state, model_state, remove_stale_temp_files,
                                  rng_state, save_checkpoint, set_rng_state)
-from crformer.cli import check_writable, config_args, parser, quiet_libraries, run
+from crformer.cli import config_args, parser, quiet_libraries
 from crformer.config import load_config, merge_config
 from crformer.data import open_refer
 from crformer.data.dataset import Batch, Collate, RefDataset
@@ -30,10 +30,11 @@ from crformer.data.tokenizer import SentenceTokenizer
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
 from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
 from crformer.errors import UserError
-from crformer.files import append_line, write_bytes_atomic
+from crformer.files import append_line, check_writable, write_bytes_atomic
 from crformer.metrics import format_table
 from crformer.models import CRFormer
 from crformer.models.losses import crformer_loss
+from crformer.process import run
 
 #: Parameters named like this are position tables: no weight decay (with norms, biases and every
 #: embedding table, see :func:`param_groups`).

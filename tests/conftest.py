@@ -45,7 +45,7 @@ def near_random_checkpoint(tmp_path_factory, data_cache):
     varied as an untrained model's (15-40 % of an image, different for each sentence), so two masks
     that agree are a real check; a few steps at the usual rate already give empty masks everywhere."""
     from crformer import train
-    from crformer.cli import run
+    from crformer.process import run
 
     out = tmp_path_factory.mktemp("near_random")
     run(train.main, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={out}", "train.max_steps=1",

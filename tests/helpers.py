@@ -61,7 +61,7 @@ def mixed_mask_checkpoint(out_dir: Path, data_cache: str, *extra: str) -> Path:
     every logit below 0, and comparisons of empty masks would prove nothing."""
     from crformer import train
     from crformer.checkpoint import load_checkpoint, save_checkpoint
-    from crformer.cli import run
+    from crformer.process import run
 
     run(train.main, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={out_dir}", "train.epochs=1",
                                   "train.max_steps=1", "eval.language_check=false", *extra])

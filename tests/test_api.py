@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from crformer import Segmenter, predict, train
-from crformer.cli import run
 from crformer.errors import UserError
+from crformer.process import run
 from tests.helpers import TINY_MODEL
 
 
@@ -90,3 +90,15 @@ def test_inference_precision_is_eval_amp_not_train_amp(checkpoint, monkeypatch, 
                                                                               f"eval.amp={eval_amp}"])
         seg(image, "the red circle")
     assert seen == ["auto", "bf16", "none"]
+
+
+def test_the_api_imports_no_command_line_code():
+    """Library errors must not speak of flags: the API, models and data never load the CLI modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys, crformer.api, crformer.data, crformer.models\n"
+            "print(sorted(m for m in sys.modules if m in ('crformer.cli', 'crformer.process')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from crformer import evaluate, predict, train
 from crformer.checkpoint import load_checkpoint, save_atomic
-from crformer.cli import run
+from crformer.process import run
 from tests.helpers import REPO, TINY_MODEL, train_losses
 
 def cli(main, argv, capsys=None):
@@ -111,10 +111,10 @@ class Exited(Exception):
 @pytest.mark.parametrize("raised,status", [(None, 0), ("user", 2), (KeyboardInterrupt(), 130),
                                            ("terminated", 143), (RuntimeError("boom"), 1)])
 def test_torchrun_worker_ends_with_its_status_without_finalization(raised, status, monkeypatch, capsys):
-    from crformer import cli, distributed
+    from crformer import distributed, process
     from crformer.errors import UserError
 
-    raised = {"user": UserError("bad value"), "terminated": cli.Terminated()}.get(raised, raised)
+    raised = {"user": UserError("bad value"), "terminated": process.Terminated()}.get(raised, raised)
 
     def main(argv):
         if raised is not None:
@@ -123,7 +123,7 @@ def test_torchrun_worker_ends_with_its_status_without_finalization(raised, statu
     def exit_now(code):
         raise Exited(code)
 
-    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(process.os, "_exit", exit_now)
     monkeypatch.setattr(distributed, "_joined", True)
     with pytest.raises(Exited) as e:
         run(main, [])

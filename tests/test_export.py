@@ -13,9 +13,9 @@ import torch
 
 from crformer import Segmenter, export
 from crformer.checkpoint import load_checkpoint
-from crformer.cli import run
 from crformer.errors import UserError
 from crformer.models.text_encoder import TextEncoder
+from crformer.process import run
 from tests.helpers import mixed_mask_checkpoint
 
 PAIRS = [((np.random.default_rng(i).random((30 + 9 * i, 47 - 5 * i, 3)) * 255).astype(np.uint8), s)

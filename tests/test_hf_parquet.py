@@ -21,13 +21,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_refer import compressed_rle, make_refer_fixture  # noqa: E402
 
 from crformer import evaluate  # noqa: E402
-from crformer.cli import run  # noqa: E402
 from crformer.config import load_config  # noqa: E402
 from crformer.data import open_refer  # noqa: E402
 from crformer.data.dataset import load_sample_image  # noqa: E402
 from crformer.data.hf_parquet import HFParquet, load_embedded_image  # noqa: E402
 from crformer.data.refer import REFER, write_refer  # noqa: E402
 from crformer.errors import UserError  # noqa: E402
+from crformer.process import run  # noqa: E402
 from tests.helpers import mixed_mask_checkpoint  # noqa: E402
 
 #: REFER split → the file name a release uses for it: validation for val; jxu124/refcoco also names testA

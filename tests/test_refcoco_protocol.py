@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from crformer import train
-from crformer.cli import run
 from crformer.config import load_config
 from crformer.data.dataset import RefDataset
 from crformer.data.refer import REFER
 from crformer.errors import UserError
+from crformer.process import run
+from tests.fixtures_refer import make_refer_fixture
 from tests.helpers import TINY_MODEL
 from tests.helpers import python_m as run_module
-from tests.fixtures_refer import make_refer_fixture
 
 NOT_FOR_REFER = ("data.synthetic", "train.batch_size", "eval.batch_size")
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from crformer import sweep
-from crformer.cli import run
+from crformer.process import run
 from tests.helpers import TINY_MODEL
 
 

@@ -9,11 +9,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crformer import train
-from crformer.cli import run
 from crformer.config import load_config
 from crformer.data.dataset import Batch, Collate
 from crformer.models import build_model
 from crformer.models.losses import crformer_loss
+from crformer.process import run
 from crformer.train import accumulate_gradients
 from tests.helpers import TINY_MODEL, train_losses
 

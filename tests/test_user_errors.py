@@ -26,9 +26,9 @@ from PIL import Image
 
 from crformer import train
 from crformer.checkpoint import load_checkpoint, save_atomic, tensor_digest
-from crformer.cli import run
 from crformer.config import load_config
 from crformer.errors import UserError
+from crformer.process import run
 from tests.helpers import REPO, TINY_MODEL, png_header_only, train_losses
 from tests.helpers import python_m as run_module
 
@@ -426,7 +426,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tmp_p
     path = tmp_path / "last.pt"
     save_atomic({"model": {}, "config": {}, "step": 1}, path)
     code = ("import resource, signal, torch\n"
-            "from crformer.checkpoint import save_atomic\nfrom crformer.cli import run\n"
+            "from crformer.checkpoint import save_atomic\nfrom crformer.process import run\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
             f"run(lambda argv: save_atomic({{'model': {{'w': torch.zeros(1 << 22)}}, 'step': 2}}, {str(path)!r}))\n")

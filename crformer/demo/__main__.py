@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import socket
 
-from crformer.cli import parser, quiet_libraries, run
+from crformer.cli import parser, quiet_libraries
 from crformer.errors import UserError
+from crformer.process import run
 
 INSTALL_HINT = "pip install 'crformer[demo]' (in this checkout: scripts/setup-demo.sh)"
 
