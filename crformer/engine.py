@@ -91,6 +91,35 @@ def _partners(samples) -> dict:
     return partner
 
 
+class LanguageCheck:
+    """The sentence-swap check of one split: each sample that has a partner (another object of the
+    same image) is predicted again with the partner's sentence; a model that reads the sentence
+    moves its mask to the new target (``new_target_mIoU`` high) and off the old one
+    (``old_target_mIoU`` low)."""
+
+    def __init__(self, samples, tokenizer):
+        self.samples, self.tokenizer = samples, tokenizer
+        self.partner = _partners(samples)
+        self.follow, self.leave = RISMetrics(), RISMetrics()
+
+    def update(self, model, refer, images: torch.Tensor, idx: list, gts: list, amp: str) -> None:
+        """One batch: ``images`` B×3×S×S of the samples ``idx``, whose ground truths are ``gts``."""
+        pairs = [(b, i, self.partner[i]) for b, i in enumerate(idx) if i in self.partner]
+        if not pairs:
+            return
+        ids, am = self.tokenizer([self.samples[j].sentence for _, _, j in pairs])
+        swapped = predict_logits(model, images[[b for b, _, _ in pairs]], ids, am, amp)
+        for k, (b, i, j) in enumerate(pairs):
+            pred = upsample_mask(swapped[k], gts[b].shape)
+            self.follow.update(pred, refer.mask(self.samples[j]))
+            self.leave.update(pred, gts[b])
+
+    def result(self) -> dict:
+        """Summed over ranks: ``{"new_target_mIoU", "old_target_mIoU", "n"}``."""
+        f, lv = _reduce(self.follow).compute(), _reduce(self.leave).compute()
+        return {"new_target_mIoU": f["mIoU"], "old_target_mIoU": lv["mIoU"], "n": f["n"]}
+
+
 @torch.no_grad()
 def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch.device,
                    protocol: str = "original", language_check: bool = False, rank: int = 0, world: int = 1,
@@ -106,11 +135,9 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
     shard = list(range(rank, len(ds), world))
     loader = DataLoader(Subset(ds, shard), batch_size=cfg["eval"]["batch_size"], shuffle=False,
                         collate_fn=Collate(tokenizer), num_workers=cfg["data"]["num_workers"])
-    partner = _partners(ds.samples) if language_check else {}
+    check = LanguageCheck(ds.samples, tokenizer) if language_check else None
     overall, lavt = RISMetrics(), RISMetrics()
-    kinds = sorted({s.kind for s in ds.samples if s.kind})
-    by_kind = {k: RISMetrics() for k in kinds}
-    follow, leave = RISMetrics(), RISMetrics()
+    by_kind = {k: RISMetrics() for k in sorted({s.kind for s in ds.samples if s.kind})}
     was_training = model.training
     model.eval()
     vis_left = save_vis if rank == 0 else 0
@@ -140,21 +167,14 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
                 save_side_by_side(load_sample_image(s), pred, gt, s.sentence,
                                   str(Path(vis_dir) / f"{path_part(split)}_{i:05d}.png"), iou)
                 vis_left -= 1
-        pairs = [(b, i, partner[i]) for b, i in enumerate(idx) if i in partner]
-        if pairs:
-            ids, am = tokenizer([ds.samples[j].sentence for _, _, j in pairs])
-            swapped = predict_logits(model, batch.images[[b for b, _, _ in pairs]], ids, am, amp)
-            for k, (b, i, j) in enumerate(pairs):
-                pred = upsample_mask(swapped[k], gts[b].shape)
-                follow.update(pred, refer.mask(ds.samples[j]))
-                leave.update(pred, gts[b])
+        if check is not None:
+            check.update(model, refer, batch.images, idx, gts, amp)
     model.train(was_training)
     out = {"overall": _reduce(overall).compute(), "by_kind": {k: _reduce(m).compute() for k, m in by_kind.items()}}
     if protocol == "lavt":
         out["lavt"] = _reduce(lavt).compute()
-    if language_check:
-        f, lv = _reduce(follow).compute(), _reduce(leave).compute()
-        out["language_check"] = {"new_target_mIoU": f["mIoU"], "old_target_mIoU": lv["mIoU"], "n": f["n"]}
+    if check is not None:
+        out["language_check"] = check.result()
     return out
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint to continue from: its ``path`` (for messages) and its contents, as
+    :func:`crformer.checkpoint.load_checkpoint` ``(path, resume=True)`` returned them (read once)."""
+
+    path: str
+    checkpoint: dict
+
+
 class Trainer:
-    def __init__(self, cfg: dict, resume: str | None = None):
-        self.rank, self.world, self.device = init_distributed()
-        ckpt = load_checkpoint(resume, resume=True) if resume else None
+    """One training run: ``Trainer(cfg, resume=None)`` builds it (:meth:`fit` trains, :meth:`final_report`
+    evaluates); each builder below is one job, in the order the run needs them — checks that need
+    nothing, the model (a bad text encoder or weights file is reported before any data work), the
+    data, the step, the optimizer, then the state a resumed run continues from."""
+
+    def __init__(self, cfg: dict, resume: Resume | None = None):
         self.cfg = cfg
-        t = cfg["train"]
+        self.rank, self.world, self.device = init_distributed()
+        self._check_and_seed()
+        self.out = check_writable(cfg["train"]["out_dir"], "train.out_dir", folder=True)
+        self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
+        self.model = CRFormer.from_config(cfg, self.device).to(self.device)
+        self._build_data()
+        self._build_step()
+        self._build_optimizer()
+        self.step, self.best, self.history = 0, -1.0, []
+        if resume is not None:
+            self._resume(resume)
+        if is_main():
+            self._prepare_out_dir()
+
+    def _check_and_seed(self) -> None:
+        t = self.cfg["train"]
         if t["cuda_graphs"] and self.device.type != "cuda":
             raise UserError(f"train.cuda_graphs=true needs a CUDA device; this run is on {self.device.type}")
         if t["batch_size"] % (self.world * t["grad_accum"]):
@@ -123,24 +151,23 @@ class Trainer:
         if t["num_threads"]:
             torch.set_num_threads(t["num_threads"])
         seed_everything(t["seed"] + self.rank)
-        self.out = check_writable(t["out_dir"], "train.out_dir", folder=True)
-        # Text encoder and model first: a bad folder or weights file is reported before any data work.
-        self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
-        self.model = CRFormer.from_config(cfg, self.device).to(self.device)
-        # Rank 0 prepares the (synthetic) data first so the others only read it.
+
+    def _build_data(self) -> None:
+        """The REFER data (rank 0 prepares synthetic data first, the others then read it), its checks,
+        the training set, its sampler and the step counts."""
+        cfg, t, d = self.cfg, self.cfg["train"], self.cfg["data"]
         if is_main():
             self.refer = open_refer(cfg)
         barrier()
         if not is_main():
             self.refer = open_refer(cfg)
-        d = cfg["data"]
         self.refer.check_splits([d["train_split"], *d["val_splits"], *d["test_splits"]])
         if is_main():
             self.refer.check_images([d["train_split"], *d["val_splits"], *d["test_splits"]], progress=True)
-        self.train_set = RefDataset(self.refer, cfg["data"]["train_split"], cfg["data"]["image_size"], train=True,
-                                    seed=t["seed"], preload=cfg["data"]["preload"])
+        self.train_set = RefDataset(self.refer, d["train_split"], d["image_size"], train=True, seed=t["seed"],
+                                    preload=d["preload"])
         if len(self.train_set) == 0:
-            raise UserError(f"split {cfg['data']['train_split']!r} has no samples")
+            raise UserError(f"split {d['train_split']!r} has no samples")
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=t["seed"], drop_last=True)
         self.local_batch = t["batch_size"] // self.world
@@ -149,6 +176,10 @@ class Trainer:
             raise UserError(f"train.batch_size={t['batch_size']} is larger than the training set "
                             f"({len(self.train_set)} objects)")
         self.total_steps = t["epochs"] * self.steps_per_epoch
+
+    def _build_step(self) -> None:
+        """DDP around the model (several processes) and the forward + loss, compiled if asked."""
+        t = self.cfg["train"]
         # No device_ids: DDP would copy every input to the GPU, the token ids included (see train_step).
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
         mode = compile_mode(t["compile"], t["cuda_graphs"])
@@ -156,37 +187,42 @@ class Trainer:
         # one graph serves the whole run. Checkpoints keep self.model's plain keys either way.
         self.step_loss = self.forward_loss if mode is None else torch.compile(self.forward_loss, mode=mode,
                                                                                dynamic=False)
+
+    def _build_optimizer(self) -> None:
+        t = self.cfg["train"]
         # The fused kernel (CPU and CUDA) updates all parameters in one pass: 4× faster than the
         # per-tensor loop on CPU (41 → 10 ms per step for the default model, 2 cores).
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=t["lr"], weight_decay=t["weight_decay"],
-                                           fused=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=t["lr"],
+                                           weight_decay=t["weight_decay"], fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_with_warmup(self.total_steps, t["warmup_iters"], t["poly_power"],
-                                             t["lr_hold"]))
-        self.step, self.best = 0, -1.0
-        self.history: list = []
-        if ckpt is not None:
-            load_model_state(self.model, ckpt["model"])
-            try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-            except ValueError as e:  # parameter groups of another model version
-                raise UserError(f"the optimizer state in {resume} does not fit this model's parameters ({e}); "
-                                "it was written before parameters were removed; evaluate and predict still load it, "
-                                "but its training cannot be resumed") from None
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt.get("history", [])
-            set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
-            if self.step >= self.total_steps:
-                raise UserError(f"{resume} is a finished run (step {self.step} of {self.total_steps}); nothing to "
-                                f"resume (evaluate it with python -m crformer.evaluate --checkpoint {resume})")
-            if t["max_steps"] and self.step >= t["max_steps"]:
-                raise UserError(f"{resume} stopped at train.max_steps={t['max_steps']}; to continue, pass "
-                                f"train.max_steps=N with N > {self.step}, or 0 for the whole run")
-        if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temp_files(self.out):
-                print(f"removed {stale.name}, left by an interrupted checkpoint write", flush=True)
-            write_bytes_atomic(self.out / "config.json", json.dumps(cfg, indent=1).encode(), "run config")
+            self.optimizer, poly_with_warmup(self.total_steps, t["warmup_iters"], t["poly_power"], t["lr_hold"]))
+
+    def _resume(self, resume: Resume) -> None:
+        """Model, optimizer, schedule, counters and RNG from the checkpoint; a finished run, or one that
+        already reached train.max_steps, is refused with what to do instead."""
+        ckpt, path, t = resume.checkpoint, resume.path, self.cfg["train"]
+        load_model_state(self.model, ckpt["model"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # parameter groups of another model version
+            raise UserError(f"the optimizer state in {path} does not fit this model's parameters ({e}); "
+                            "it was written before parameters were removed; evaluate and predict still load it, "
+                            "but its training cannot be resumed") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt.get("history", [])
+        set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
+        if self.step >= self.total_steps:
+            raise UserError(f"{path} is a finished run (step {self.step} of {self.total_steps}); nothing to "
+                            f"resume (evaluate it with python -m crformer.evaluate --checkpoint {path})")
+        if t["max_steps"] and self.step >= t["max_steps"]:
+            raise UserError(f"{path} stopped at train.max_steps={t['max_steps']}; to continue, pass "
+                            f"train.max_steps=N with N > {self.step}, or 0 for the whole run")
+
+    def _prepare_out_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_files(self.out):
+            print(f"removed {stale.name}, left by an interrupted checkpoint write", flush=True)
+        write_bytes_atomic(self.out / "config.json", json.dumps(self.cfg, indent=1).encode(), "run config")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, name: str, metrics: dict | None = None) -> None:
@@ -324,15 +360,16 @@ def main(argv=None) -> None:
     p.add_argument("--resume", default=None, help="checkpoint to continue from (its config is used)")
     a = p.parse_args(argv)
     quiet_libraries()
+    resume = None
     if a.resume:
         if a.config:
             raise UserError("--resume continues with the checkpoint's config; pass overrides, not --config")
+        resume = Resume(a.resume, load_checkpoint(a.resume, resume=True))
         # A resumed run writes beside the checkpoint the user named, not where its config says.
-        cfg = merge_config(load_checkpoint(a.resume, resume=True)["config"], a.overrides,
-                           out_dir=str(Path(a.resume).expanduser().parent))
+        cfg = merge_config(resume.checkpoint["config"], a.overrides, out_dir=str(Path(a.resume).expanduser().parent))
     else:
         cfg = load_config(a.config, a.overrides)
-    trainer = Trainer(cfg, resume=a.resume)
+    trainer = Trainer(cfg, resume=resume)
     try:
         if is_main():
             print(f"training on {trainer.device} ({trainer.world} process{'es' if trainer.world > 1 else ''}): "

@@ -107,8 +107,7 @@ def test_evaluate_split_protocol_lavt_uses_the_nearest_ground_truth(tmp_path):
         masks[k] = thin_mask(100 + k)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(n, S, S, generator=g)
-    cfg = {"data": {"image_size": S, "preload": False, "num_workers": 0}, "train": {"amp": "none"},
-           "eval": {"batch_size": 8}}
+    cfg = {"data": {"image_size": S, "preload": False, "num_workers": 0}, "eval": {"batch_size": 8, "amp": "none"}}
 
     def tokenizer(sentences):
         return torch.ones(len(sentences), 4, dtype=torch.long), torch.ones(len(sentences), 4, dtype=torch.bool)

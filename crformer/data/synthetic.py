@@ -209,6 +209,38 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
+def _choose_referred(objs: list, kinds: list, wanted: int, max_refs: int, rng, margin: float) -> list:
+    """Up to ``max_refs`` objects of a scene (in random order) with up to ``wanted`` sentences each,
+    of the ``kinds`` tried in order: ``[(object index, [(sentence, kind), ...]), ...]``."""
+    chosen = []
+    for idx in rng.permutation(len(objs)):
+        sents = []
+        for kind in kinds:
+            s = describe(objs[idx], objs, kind, rng, margin)
+            if s is not None:
+                sents.append((s, kind))
+                if len(sents) == wanted:
+                    break
+        if sents:
+            chosen.append((int(idx), sents))
+        if len(chosen) == max_refs:
+            break
+    return chosen
+
+
+def _annotations(objs: list, masks: list, image_id: int, first_id: int) -> list:
+    """COCO annotations (RLE, area, box, category) of a scene's objects, ids from ``first_id``."""
+    anns = []
+    for k, (o, m) in enumerate(zip(objs, masks)):
+        ys, xs = np.nonzero(m)
+        anns.append({
+            "id": first_id + k, "image_id": image_id, "segmentation": _rle(m), "area": int(m.sum()),
+            "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+            "iscrowd": 0, "category_id": SHAPES.index(o.shape) + 1,
+        })
+    return anns
+
+
 def generate(out: str | os.PathLike, seed: int = 0, size: int = 96, train_images: int = 3000,
              eval_samples: int = 300) -> Path:
     """Write the synthetic dataset under ``out`` in the REFER layout; returns ``out``.
@@ -236,19 +268,7 @@ def generate(out: str | os.PathLike, seed: int = 0, size: int = 96, train_images
             else:
                 due = max(quota, key=quota.get)
                 kind_cycle, wanted, max_refs = [due], 1, min(3, quota[due])
-            chosen = []
-            for idx in rng.permutation(len(objs)):
-                sents = []
-                for kind in kind_cycle:
-                    s = describe(objs[idx], objs, kind, rng, margin)
-                    if s is not None:
-                        sents.append((s, kind))
-                        if len(sents) == wanted:
-                            break
-                if sents:
-                    chosen.append((int(idx), sents))
-                if len(chosen) == max_refs:
-                    break
+            chosen = _choose_referred(objs, kind_cycle, wanted, max_refs, rng, margin)
             # Two referred objects per image at least, so sentences can be swapped (language check).
             if len(chosen) < min(2, max_refs):
                 continue
@@ -259,22 +279,11 @@ def generate(out: str | os.PathLike, seed: int = 0, size: int = 96, train_images
             file_name = f"{image_id:06d}.png"
             canvas.save(img_dir / file_name)
             images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-            ann_ids = []
-            for o, m in zip(objs, masks):
-                ann_id = len(annotations) + 1
-                ys, xs = np.nonzero(m)
-                annotations.append({
-                    "id": ann_id, "image_id": image_id, "segmentation": _rle(m), "area": int(m.sum()),
-                    "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
-                    "iscrowd": 0, "category_id": SHAPES.index(o.shape) + 1,
-                })
-                ann_ids.append(ann_id)
+            anns = _annotations(objs, masks, image_id, len(annotations) + 1)
+            annotations.extend(anns)
             for idx, sents in chosen:
-                ref_id = len(refs) + 1
-                sentences = []
-                for s, kind in sents:
-                    sentences.append({"raw": s, "sent": s, "tokens": s.split(), "kind": kind})
-                refs.append({"ref_id": ref_id, "ann_id": ann_ids[idx], "image_id": image_id, "split": split,
+                sentences = [{"raw": s, "sent": s, "tokens": s.split(), "kind": kind} for s, kind in sents]
+                refs.append({"ref_id": len(refs) + 1, "ann_id": anns[idx]["id"], "image_id": image_id, "split": split,
                              "file_name": file_name, "category_id": SHAPES.index(objs[idx].shape) + 1,
                              "sentences": sentences})
             made += 1
