@@ -7,7 +7,7 @@ check) and prints one markdown table: easy and hard mIoU, the hard split's kinds
 old target after the sentence swap (val_hard), the first epoch whose val hard mIoU reached
 :data:`LEARNED`, seconds, and whether the run met :data:`TARGETS`; then a summary line.
 
-The runs go through the ablation study's machinery (:mod:`crformer.ablate`: spawned workers, one
+The runs go through :mod:`crformer.runs` (as the ablation study's do: spawned workers, one
 JSON per run written as soon as it finishes, with the per-epoch val history by kind): each run file is
 ``--out/s<seed>-t<threads>.json`` (default ``benchmarks/results/sweep``), the table goes to
 ``--out/table.md``, checkpoints and logs to ``--work-dir/s<seed>-t<threads>``. Finished runs are
@@ -23,7 +23,7 @@ import argparse
 import json
 import statistics
 
-from crformer.ablate import Run, int_list, train_runs, unfinished
+from crformer.runs import Run, int_list, train_runs, unfinished
 from crformer.cli import parser, quiet_libraries
 from crformer.config import load_config
 from crformer.errors import UserError

@@ -13,7 +13,7 @@ from tests.helpers import TINY_MODEL
 
 
 def fake_run(seed=0, threads=1, easy=0.95, hard=0.85, old=(0.01, 0.02), hard_by_epoch=(0.4, 0.75, 0.85)) -> dict:
-    """A run file's content as :func:`crformer.ablate.train_and_measure` writes it (the parts the sweep reads)."""
+    """A run file's content as :func:`crformer.runs.train_and_measure` writes it (the parts the sweep reads)."""
     kinds = {"relational": 0.81, "superlative": 0.79, "two-attr": 0.9}
     metrics = {"val_easy": {"overall": {"mIoU": easy}, "by_kind": {"one-attr": {"mIoU": easy}}},
                "val_hard": {"overall": {"mIoU": hard}, "by_kind": {k: {"mIoU": v} for k, v in kinds.items()}}}

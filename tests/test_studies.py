@@ -1,4 +1,5 @@
-"""The ablation runner: probe helpers on known answers, and the whole study on a tiny setting."""
+"""The ablation study beside the library (crformer_studies): probe helpers on known answers, and the
+whole study on a tiny setting."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 
 import torch
 
-from crformer import ablate
-from crformer.ablate import PROBE_WORDS, linear_probe_accuracy, ridge_r2, word_label
+from crformer_studies import ablation
+from crformer_studies.probe import PROBE_WORDS, linear_probe_accuracy, ridge_r2, word_label
+from crformer_studies.report import contrasts_markdown
 
 
 def test_word_label_finds_the_first_word_or_none():
@@ -65,8 +67,8 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["--out", str(out), "--work-dir", str(work), "--seeds", "0,1", "--variants", "plain,crformer-nq16",
             *tiny, "train.epochs=1"]
-    ablate.main(args)
-    ablate.main(["--out", str(out), "--work-dir", str(work), "--seeds", "0", "--variants",
+    ablation.main(args)
+    ablation.main(["--out", str(out), "--work-dir", str(work), "--seeds", "0", "--variants",
                  "plain-nq16,lrm-pre-calibration", *tiny, "train.epochs=1"])
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert runs == ["crformer-nq16-s0.json", "crformer-nq16-s1.json", "lrm-pre-calibration-s0.json",
@@ -113,16 +115,16 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tiny, tmp_path, capsys):
     stale = dict(run, overrides=run["overrides"][:-1])
     (out / "runs" / "plain-s0.json").write_text(json.dumps(stale))
     capsys.readouterr()
-    ablate.main(args)
+    ablation.main(args)
     printed = capsys.readouterr().out
     assert "crformer-nq16 seed 0: done already" in printed and "plain seed 0: " in printed
     assert "made with another setting; retraining" in printed
     again = json.loads((out / "runs" / "plain-s0.json").read_text())
     assert again["metrics"] == run["metrics"] and again["probe"] == run["probe"]
-    ablate.main(["--out", str(out), "--report-only"])
+    ablation.main(["--out", str(out), "--report-only"])
     assert (out / "tables.md").read_text() == tables
     # Re-probing from the saved final checkpoints reproduces the inline probe.
-    ablate.main(["--out", str(out), "--work-dir", str(work), "--reprobe"])
+    ablation.main(["--out", str(out), "--work-dir", str(work), "--reprobe"])
     assert json.loads((out / "runs" / "plain-s0.json").read_text())["probe"] == again["probe"]
 
 
@@ -136,7 +138,7 @@ def test_contrasts_are_differences_of_seed_means_with_their_standard_error():
 
     agg = {"crformer-nq16": row((0.50, 0.03), (0.86, 0.02), (0.95, 0.01), 3),
            "plain-nq16": row((0.65, 0.04), None, (0.70, 0.02), 3, calibration=False)}
-    table = ablate.contrasts_markdown(agg)
+    table = contrasts_markdown(agg)
     cells = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
     se_hard = 100 * (0.03 ** 2 / 3 + 0.04 ** 2 / 3) ** 0.5
     assert cells[:3] == ["both (full vs plain decoder, N_q = 16)", "crformer-nq16", "plain-nq16"]
