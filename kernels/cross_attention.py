@@ -15,7 +15,7 @@ kernels, their launchers, then the ``torch.library.custom_op`` pair (forward / b
 implementations and ``register_autograd``. Everything accumulates in fp32. The building blocks the
 kernels are written in (the chunked Q Kᵀ, the exact and the online softmax, the backward from the
 log-sum-exp) and the split-combine and delta kernels of regime (b), which memory_attention.py shares,
-are in ``common.py``.
+are in ``blocks.py`` (device) and ``host.py`` (host); key splits in ``key_splits.py``.
 
 Two regimes, dispatched on the number of keys N:
 
@@ -61,8 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from crformer.kernels import common
-from crformer.kernels.common import shipped
+from crformer.kernels import blocks, host, key_splits
+from crformer.kernels.host import shipped
 from crformer.kernels.inputs import check_attention_inputs
 
 __all__ = ["triton_cross_attention", "SHORT_MAX_N", "PROGRAMS_PER_SM", "KERNEL_TABLE", "KERNELS"]
@@ -74,9 +74,9 @@ SHORT_MAX_N = 64  # regime (a) holds all keys of a row in one register tile of a
 PROGRAMS_PER_SM = 2
 
 # --------------------------------------------------------------------------------------------
-# Shipped configurations, in the format described in common.py (the single source of truth for
+# Shipped configurations, in the format described in host.py (the single source of truth for
 # the launchers below and for tests/kernels/test_compile_sm90.py). The combine and delta kernels of
-# regime (b) are shared with memory_attention.py and ship from common.KERNEL_TABLE.
+# regime (b) are shared with memory_attention.py and ship from key_splits.KERNEL_TABLE.
 # mma = "mma" (mma.sync) where the 16-row query tile is below wgmma's 64-row warpgroup minimum
 # (CDec: M ~ 16 queries; these kernels are HBM-bound, tensor-core time is a few % of the byte
 # floor, docs/DESIGN.md §6); "fma" for fp32 (exact fp32 on CUDA cores, see the top).
@@ -132,16 +132,16 @@ def _entry(base: str, dtype: torch.dtype, M: Optional[int] = None, N: Optional[i
 
 
 def _config(entry: str, **want) -> tuple[dict, dict]:
-    """Constexprs + launch options of a ``KERNEL_TABLE`` entry, ``want`` as in ``common.config``
+    """Constexprs + launch options of a ``KERNEL_TABLE`` entry, ``want`` as in ``host.config``
     (benchmarks/tune_kernels.py reads it to start from the shipped choice; tests/kernels/test_tune.py
     wraps it to see what the launchers pick)."""
-    return common.config(KERNEL_TABLE, entry, **want)
+    return host.config(KERNEL_TABLE, entry, **want)
 
 
 # ============================================================================================
 # Kernels. Conventions: pid over (batch*head) is the last grid axis; base offsets are int64 (a
 # B·H·M·d tensor can exceed 2^31 elements); s2 = scores * scale * log2(e) so softmax uses exp2.
-# KEEP is the B×N key mask as uint8 (1 = valid). The building blocks are in common.py.
+# KEEP is the B×N key mask as uint8 (1 = valid). The building blocks are in blocks.py.
 # ============================================================================================
 
 
@@ -154,27 +154,27 @@ def _short_fwd_kernel(Q, K, V, KEEP, O,
     """Regime (a) forward. Grid (cdiv(M, BLOCK_M), B*H). All N <= BLOCK_N keys in one tile."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b, h = common.batch_head(pid_bh, H)
-    rows, rmask = common.span(pid_m * BLOCK_M, BLOCK_M, M)
-    cols, cmask = common.span(0, BLOCK_N, N)
+    b, h = blocks.batch_head(pid_bh, H)
+    rows, rmask = blocks.span(pid_m * BLOCK_M, BLOCK_M, M)
+    cols, cmask = blocks.span(0, BLOCK_N, N)
     dd = tl.arange(0, BLOCK_D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     o_base = O + b * s_ob + h * s_oh
-    keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
+    keep = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
 
     # Pass 1: S = Q K^T over the full head dim (Q is read exactly once), then the exact softmax.
-    s = common.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
+    s = blocks.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
-    p = common.exact_softmax(common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)).to(V.dtype.element_ty)
+    p = blocks.exact_softmax(blocks.scaled_logits(s, (keep & cmask)[None, :], qk_scale)).to(V.dtype.element_ty)
 
     # Pass 2: O = P V, one head-dim chunk at a time (O is written exactly once).
     for d0 in range(0, D, BLOCK_D):
         dm = (d0 + dd) < D
-        v = common.load_tile(v_base, cols, s_vn, d0 + dd, s_vd, cmask[:, None] & dm[None, :])
+        v = blocks.load_tile(v_base, cols, s_vn, d0 + dd, s_vd, cmask[:, None] & dm[None, :])
         o = tl.dot(p, v, input_precision="ieee")
-        common.store_tile(o_base, rows, s_om, d0 + dd, s_od, o, rmask[:, None] & dm[None, :])
+        blocks.store_tile(o_base, rows, s_om, d0 + dd, s_od, o, rmask[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -193,38 +193,38 @@ def _short_bwd_kernel(Q, K, V, KEEP, DO, DQ, DKP, DVP,
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b, h = common.batch_head(pid_bh, H)
-    cols, cmask = common.span(0, BLOCK_N, N)
-    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
+    b, h = blocks.batch_head(pid_bh, H)
+    cols, cmask = blocks.span(0, BLOCK_N, N)
+    own, omask = blocks.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
     dq_base = DQ + b * s_dqb + h * s_dqh
-    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
+    valid = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
     # This chunk's K slice is reused by every query block of the run.
-    k_own = common.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
+    k_own = blocks.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     mb_start = pid_r * blocks_per_run
     mb_end = tl.minimum(mb_start + blocks_per_run, n_mblocks)
     for mb in range(mb_start, mb_end):
-        rows, rmask = common.span(mb * BLOCK_M, BLOCK_M, M)
-        s, dp = common.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
+        rows, rmask = blocks.span(mb * BLOCK_M, BLOCK_M, M)
+        s, dp = blocks.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
                                           v_base, s_vn, s_vd, rows, rmask, cols, cmask,
                                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
         # Recompute the exact softmax (same arithmetic as the forward).
-        p = common.exact_softmax(common.scaled_logits(s, valid[None, :], qk_scale))
+        p = blocks.exact_softmax(blocks.scaled_logits(s, valid[None, :], qk_scale))
         p = tl.where(rmask[:, None], p, 0.0)  # padded rows contribute nothing to dK/dV
         # delta = rowsum(P ⊙ dP) = rowsum(dO ⊙ O): no saved O needed.
         delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])  # gradient w.r.t. the scaled logits
         rd_own = rmask[:, None] & omask[None, :]
         dq = tl.dot(ds.to(K.dtype.element_ty), k_own, input_precision="ieee") * sm_scale
-        common.store_tile(dq_base, rows, s_dqm, own, s_dqd, dq, rd_own)
-        dk, dv = common.accumulate_dkdv(p, ds, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own, rd_own, dk, dv,
+        blocks.store_tile(dq_base, rows, s_dqm, own, s_dqd, dq, rd_own)
+        dk, dv = blocks.accumulate_dkdv(p, ds, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own, rd_own, dk, dv,
                                         KEY_MAJOR=False)
 
     # Partials are contiguous (n_runs, B*H, N, D) fp32.
@@ -247,30 +247,30 @@ def _long_fwd_kernel(Q, K, V, KEEP, OP, LP,
     chunk 0, LP (n_splits, B*H, M) fp32 = log2-sum-exp2 of the scaled logits (-inf if no key).
     """
     pid_bh = tl.program_id(2)
-    split, pid_c = common.split_and_chunk(tl.program_id(0), n_dchunks)
-    b, h = common.batch_head(pid_bh, H)
-    rows, rmask = common.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
-    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
+    split, pid_c = blocks.split_and_chunk(tl.program_id(0), n_dchunks)
+    b, h = blocks.batch_head(pid_bh, H)
+    rows, rmask = blocks.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
+    own, omask = blocks.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    n_start, n_end = common.key_range(split, keys_per_split, N)
+    n_start, n_end = blocks.key_range(split, keys_per_split, N)
 
-    m_i, l_i, acc = common.online_softmax_start(BLOCK_M, BLOCK_D)
+    m_i, l_i, acc = blocks.online_softmax_start(BLOCK_M, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols, cmask = common.span(n0, BLOCK_N, n_end)
-        keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
-        s = common.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
+        cols, cmask = blocks.span(n0, BLOCK_N, n_end)
+        keep = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
+        s = blocks.chunked_dot_t(q_base, s_qm, s_qd, k_base, s_kn, s_kd, rows, rmask, cols, cmask,
                                  tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
-        s = common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
-        p, alpha, m_i, l_i = common.online_softmax_step(s, m_i, l_i)
-        v = common.load_tile(v_base, cols, s_vn, own, s_vd, cmask[:, None] & omask[None, :])
+        s = blocks.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
+        p, alpha, m_i, l_i = blocks.online_softmax_step(s, m_i, l_i)
+        v = blocks.load_tile(v_base, cols, s_vn, own, s_vd, cmask[:, None] & omask[None, :])
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
 
-    l_safe, lse = common.online_softmax_finish(m_i, l_i)
+    l_safe, lse = blocks.online_softmax_finish(m_i, l_i)
     bh_split = split.to(tl.int64) * tl.num_programs(2) + pid_bh
-    tl.store(common.part_ptrs(OP, bh_split, M, rows, own, D), acc / l_safe[:, None],
+    tl.store(blocks.part_ptrs(OP, bh_split, M, rows, own, D), acc / l_safe[:, None],
              mask=rmask[:, None] & omask[None, :])
     tl.store(LP + bh_split * M + rows, lse, mask=rmask & (pid_c == 0))
 
@@ -291,32 +291,32 @@ def _long_bwd_dkdv_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DK, DV,
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b, h = common.batch_head(pid_bh, H)
-    cols, cmask = common.span(pid_n * BLOCK_N, BLOCK_N, N)
-    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
+    b, h = blocks.batch_head(pid_bh, H)
+    cols, cmask = blocks.span(pid_n * BLOCK_N, BLOCK_N, N)
+    own, omask = blocks.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
-    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
+    valid = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows, rmask = common.span(m0, BLOCK_M, M)
-        st, dpt = common.chunked_dot_t_pair(k_base, s_kn, s_kd, q_base, s_qm, s_qd, v_base, s_vn, s_vd,
+        rows, rmask = blocks.span(m0, BLOCK_M, M)
+        st, dpt = blocks.chunked_dot_t_pair(k_base, s_kn, s_kd, q_base, s_qm, s_qd, v_base, s_vn, s_vd,
                                             do_base, s_dom, s_dod, cols, cmask, rows, rmask,
                                             tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
                                             tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), D, BLOCK_D)
-        lse, delta = common.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
-        st = common.scaled_logits(st, valid[:, None], qk_scale)
-        pt, dst = common.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
-        dk, dv = common.accumulate_dkdv(pt, dst, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own,
+        lse, delta = blocks.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
+        st = blocks.scaled_logits(st, valid[:, None], qk_scale)
+        pt, dst = blocks.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
+        dk, dv = blocks.accumulate_dkdv(pt, dst, q_base, s_qm, s_qd, do_base, s_dom, s_dod, rows, own,
                                         rmask[:, None] & omask[None, :], dk, dv, KEY_MAJOR=True)
     cd_own = cmask[:, None] & omask[None, :]
-    # Not store_tile: the scale is applied after the address arithmetic (operation order, common.py).
+    # Not store_tile: the scale is applied after the address arithmetic (operation order, blocks.py).
     tl.store(DK + b * s_dkb + h * s_dkh + cols[:, None] * s_dkn + own[None, :] * s_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=cd_own)
-    common.store_tile(DV + b * s_dvb + h * s_dvh, cols, s_dvn, own, s_dvd, dv, cd_own)
+    blocks.store_tile(DV + b * s_dvb + h * s_dvh, cols, s_dvn, own, s_dvd, dv, cd_own)
 
 
 @triton.jit
@@ -330,30 +330,30 @@ def _long_bwd_dq_kernel(Q, K, V, KEEP, DO, LSE, DELTA, DQP,
     DQP (n_splits, B*H, M, D) fp32; the launcher sums over splits in a fixed order.
     """
     pid_bh = tl.program_id(2)
-    split, pid_c = common.split_and_chunk(tl.program_id(0), n_dchunks)
-    b, h = common.batch_head(pid_bh, H)
-    rows, rmask = common.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
-    lse, delta = common.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
-    own, omask = common.span(pid_c * BLOCK_D, BLOCK_D, D)
+    split, pid_c = blocks.split_and_chunk(tl.program_id(0), n_dchunks)
+    b, h = blocks.batch_head(pid_bh, H)
+    rows, rmask = blocks.span(tl.program_id(1) * BLOCK_M, BLOCK_M, M)
+    lse, delta = blocks.load_lse_and_delta(LSE, DELTA, pid_bh.to(tl.int64) * M, rows, rmask)
+    own, omask = blocks.span(pid_c * BLOCK_D, BLOCK_D, D)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_dob + h * s_doh
-    n_start, n_end = common.key_range(split, keys_per_split, N)
+    n_start, n_end = blocks.key_range(split, keys_per_split, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols, cmask = common.span(n0, BLOCK_N, n_end)
-        keep = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
-        s, dp = common.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
+        cols, cmask = blocks.span(n0, BLOCK_N, n_end)
+        keep = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n)
+        s, dp = blocks.chunked_dot_t_pair(q_base, s_qm, s_qd, k_base, s_kn, s_kd, do_base, s_dom, s_dod,
                                           v_base, s_vn, s_vd, rows, rmask, cols, cmask,
                                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), D, BLOCK_D)
-        s = common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
-        _, ds = common.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
-        k_own = common.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
+        s = blocks.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
+        _, ds = blocks.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
+        k_own = blocks.load_tile(k_base, cols, s_kn, own, s_kd, cmask[:, None] & omask[None, :])
         dq = tl.dot(ds.to(K.dtype.element_ty), k_own, dq, input_precision="ieee")
     bh_split = split.to(tl.int64) * tl.num_programs(2) + pid_bh
-    tl.store(common.part_ptrs(DQP, bh_split, M, rows, own, D), dq * sm_scale, mask=rmask[:, None] & omask[None, :])
+    tl.store(blocks.part_ptrs(DQP, bh_split, M, rows, own, D), dq * sm_scale, mask=rmask[:, None] & omask[None, :])
 
 
 # Name -> kernel, and the pointer arguments' element types, for ahead-of-time compilation
@@ -379,11 +379,11 @@ def _forward(q, k, v, keep, scale):
     B, H, M, D = q.shape
     N = k.shape[2]
     device = q.device
-    o = common.alloc((B, H, M, D), q.dtype, device)
+    o = host.alloc((B, H, M, D), q.dtype, device)
     if M == 0 or B * H == 0 or N == 0:  # N == 0: no key at all, every row is fully masked
         return o.zero_(), torch.empty(0, dtype=torch.float32, device=device)
-    keep_bytes = common.keep_u8(keep, B, N, device)
-    qk_scale = scale * common.LOG2E
+    keep_bytes = host.keep_u8(keep, B, N, device)
+    qk_scale = scale * blocks.LOG2E
     whole_head_dim = triton.next_power_of_2(D)
     if N <= SHORT_MAX_N:
         constexprs, launch = _config(_entry("short_fwd", q.dtype), BLOCK_N=N, BLOCK_D=whole_head_dim)
@@ -395,15 +395,15 @@ def _forward(q, k, v, keep, scale):
     constexprs, launch = _config(_entry("long_fwd", q.dtype, M), BLOCK_D=whole_head_dim)
     n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
     n_dchunks = triton.cdiv(D, constexprs["BLOCK_D"])
-    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
+    n_splits, keys_per_split = host.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
                                                  device, PROGRAMS_PER_SM)
-    o_parts = common.alloc((n_splits, B * H, M, D), torch.float32, device)
-    lse_parts = common.alloc((n_splits, B * H, M), torch.float32, device)
+    o_parts = host.alloc((n_splits, B * H, M, D), torch.float32, device)
+    lse_parts = host.alloc((n_splits, B * H, M), torch.float32, device)
     _long_fwd_kernel[(n_splits * n_dchunks, n_query_blocks, B * H)](
         q, k, v, keep_bytes, o_parts, lse_parts, *q.stride(), *k.stride(), *v.stride(), *keep_bytes.stride(), H, M,
         N, D, qk_scale, keys_per_split, n_dchunks, **constexprs, **launch)
-    lse = common.alloc((B * H, M), torch.float32, device)
-    common.combine_splits(o_parts, lse_parts, o, lse)
+    lse = host.alloc((B * H, M), torch.float32, device)
+    key_splits.combine_splits(o_parts, lse_parts, o, lse)
     return o, lse
 
 
@@ -414,8 +414,8 @@ def _backward(do, q, k, v, keep, o, lse, scale):
     device = q.device
     if M == 0 or N == 0 or B * H == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    keep_bytes = common.keep_u8(keep, B, N, device)
-    qk_scale = scale * common.LOG2E
+    keep_bytes = host.keep_u8(keep, B, N, device)
+    qk_scale = scale * blocks.LOG2E
     whole_head_dim = triton.next_power_of_2(D)
     if N <= SHORT_MAX_N:
         constexprs, launch = _config(_entry("short_bwd", q.dtype, N=N), BLOCK_N=N, BLOCK_D=whole_head_dim)
@@ -423,10 +423,10 @@ def _backward(do, q, k, v, keep, o, lse, scale):
         n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
         # About PROGRAMS_PER_SM programs per SM over (chunks × runs × B·H); each run is a contiguous
         # range of query blocks, so each program writes exactly one dK/dV partial.
-        n_runs, blocks_per_run = common.split_blocks(n_query_blocks, B * H * n_dchunks, device, PROGRAMS_PER_SM)
-        dq = common.alloc((B, H, M, D), q.dtype, device)
-        dk_parts = common.alloc((n_runs, B, H, N, D), torch.float32, device)
-        dv_parts = common.alloc((n_runs, B, H, N, D), torch.float32, device)
+        n_runs, blocks_per_run = host.split_blocks(n_query_blocks, B * H * n_dchunks, device, PROGRAMS_PER_SM)
+        dq = host.alloc((B, H, M, D), q.dtype, device)
+        dk_parts = host.alloc((n_runs, B, H, N, D), torch.float32, device)
+        dv_parts = host.alloc((n_runs, B, H, N, D), torch.float32, device)
         _short_bwd_kernel[(n_dchunks, n_runs, B * H)](
             q, k, v, keep_bytes, do, dq, dk_parts, dv_parts, *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dq.stride(), *keep_bytes.stride(), H, M, N, D, qk_scale, scale, blocks_per_run,
@@ -434,9 +434,9 @@ def _backward(do, q, k, v, keep, o, lse, scale):
         # Fixed-order reduction over runs: deterministic.
         return dq, dk_parts.sum(0).to(k.dtype), dv_parts.sum(0).to(v.dtype)
 
-    delta = common.row_delta(o, do)
-    dk = common.alloc(k.shape, k.dtype, device)
-    dv = common.alloc(v.shape, v.dtype, device)
+    delta = key_splits.row_delta(o, do)
+    dk = host.alloc(k.shape, k.dtype, device)
+    dv = host.alloc(v.shape, v.dtype, device)
     constexprs, launch = _config(_entry("long_bwd_dkdv", q.dtype, M), BLOCK_D=whole_head_dim)
     grid = (triton.cdiv(D, constexprs["BLOCK_D"]), triton.cdiv(N, constexprs["BLOCK_N"]), B * H)
     _long_bwd_dkdv_kernel[grid](
@@ -446,9 +446,9 @@ def _backward(do, q, k, v, keep, o, lse, scale):
     constexprs, launch = _config(_entry("long_bwd_dq", q.dtype, M), BLOCK_D=whole_head_dim)
     n_dchunks = triton.cdiv(D, constexprs["BLOCK_D"])
     n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
-    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
+    n_splits, keys_per_split = host.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B * H * n_dchunks,
                                                  device, PROGRAMS_PER_SM)
-    dq_parts = common.alloc((n_splits, B, H, M, D), torch.float32, device)
+    dq_parts = host.alloc((n_splits, B, H, M, D), torch.float32, device)
     _long_bwd_dq_kernel[(n_splits * n_dchunks, n_query_blocks, B * H)](
         q, k, v, keep_bytes, do, lse, delta, dq_parts, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *keep_bytes.stride(), H, M, N, D, qk_scale, scale, keys_per_split, n_dchunks, **constexprs, **launch)
@@ -527,7 +527,7 @@ def triton_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ValueError on shape/dtype/device mismatch.
     """
     check_attention_inputs(q, k, v, key_padding_mask, name="triton_cross_attention")
-    common.check_kernel_inputs(q, "triton_cross_attention")
+    host.check_kernel_inputs(q, "triton_cross_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     o, _ = _fwd_op(q, k, v, key_padding_mask, scale)
     return o

@@ -21,7 +21,7 @@ a second time as V, and with D = 256 covers the head dim in chunks whose program
 full key rows. Here a program keeps its query block and the whole head dim (D <= 256) in one tile,
 loads each F tile (and the L2-resident P tile) once and feeds both dots from it, so the pixel
 memory is read once per query block. Same split-over-keys structure as regime (b): splits combined
-by log-sum-exp (the combine and delta kernels of ``common.py``, with H = 1), backward from
+by log-sum-exp (the combine and delta kernels of ``key_splits.py``, with H = 1), backward from
 the saved log-sum-exp: dF per key block (key-major, written directly), dQ as fp32 partials per key
 split summed by torch in a fixed order (deterministic).
 
@@ -43,16 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-from crformer.kernels import common
+from crformer.kernels import blocks, host, key_splits
 from crformer.kernels import cross_attention as ca
-from crformer.kernels.common import shipped
+from crformer.kernels.host import shipped
 from crformer.kernels.inputs import check_memory_attention_inputs, memory_as_cross_attention
 
 __all__ = ["triton_memory_attention", "MAX_D", "KERNEL_TABLE", "KERNELS", "POINTER_ARGS", "POINTER_TYPES"]
 
 MAX_D = 256  # the whole head dim sits in one register tile
 
-# Shipped configurations, in the format described in common.py (the AOT sm_90 test compiles
+# Shipped configurations, in the format described in host.py (the AOT sm_90 test compiles
 # every one and fails on a spill). BLOCK_D is the smallest shipped width >= D. The tiles are the
 # largest that ptxas (sm_90a, triton 3.8) fits without spilling at D = 256 with a position table,
 # 8 warps (benchmarks/NOTES.md, "memory attention"): the forward keeps a 64-row query tile (wgmma)
@@ -81,7 +81,7 @@ def _keys(f, pos_base, cols, dd, cd, s_pn, s_pd, HAS_POS: tl.constexpr):
     """The key tile F + P, rounded once to F's dtype (as the unfolded layer's input would be)."""
     k = f
     if HAS_POS:
-        p = common.load_tile(pos_base, cols, s_pn, dd, s_pd, cd)
+        p = blocks.load_tile(pos_base, cols, s_pn, dd, s_pd, cd)
         k = (f.to(tl.float32) + p.to(tl.float32)).to(f.dtype)
     return k
 
@@ -91,13 +91,13 @@ def _key_block(q, f_base, pos_base, keep_base, n0, n_end, dd, dmask, s_fn, s_fd,
                HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key block [n0, n0 + BLOCK_N) ∩ [0, n_end) seen from a query tile q: (F tile, K = F + P tile,
     s2 = q Kᵀ · scale · log2(e) with masked and padded keys at -inf)."""
-    cols, cmask = common.span(n0, BLOCK_N, n_end)
+    cols, cmask = blocks.span(n0, BLOCK_N, n_end)
     cd = cmask[:, None] & dmask[None, :]
-    keep = common.load_keep(keep_base, cols, cmask, s_keep_n)
-    f = common.load_tile(f_base, cols, s_fn, dd, s_fd, cd)
+    keep = blocks.load_keep(keep_base, cols, cmask, s_keep_n)
+    f = blocks.load_tile(f_base, cols, s_fn, dd, s_fd, cd)
     k = _keys(f, pos_base, cols, dd, cd, s_pn, s_pd, HAS_POS)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    return f, k, common.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
+    return f, k, blocks.scaled_logits(s, (keep & cmask)[None, :], qk_scale)
 
 
 @triton.jit
@@ -114,23 +114,23 @@ def _memory_fwd_kernel(Q, F, POS, KEEP, OP, LP,
     """
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, rmask = common.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
-    dd, dmask = common.span(0, BLOCK_D, D)
+    rows, rmask = blocks.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
+    dd, dmask = blocks.span(0, BLOCK_D, D)
     rd = rmask[:, None] & dmask[None, :]
-    q = common.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
-    n_start, n_end = common.key_range(split, keys_per_split, N)
+    q = blocks.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
+    n_start, n_end = blocks.key_range(split, keys_per_split, N)
 
-    m_i, l_i, acc = common.online_softmax_start(BLOCK_M, BLOCK_D)
+    m_i, l_i, acc = blocks.online_softmax_start(BLOCK_M, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
         f, _, s = _key_block(q, F + b * s_fb, POS + b * s_pb, KEEP + b * s_keep_b, n0, n_end, dd, dmask,
                              s_fn, s_fd, s_pn, s_pd, s_keep_n, qk_scale, HAS_POS, BLOCK_N)
-        p, alpha, m_i, l_i = common.online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = blocks.online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(f.dtype), f, acc, input_precision="ieee")
 
-    l_safe, lse = common.online_softmax_finish(m_i, l_i)
+    l_safe, lse = blocks.online_softmax_finish(m_i, l_i)
     part = split.to(tl.int64) * tl.num_programs(2) + b
-    tl.store(common.part_ptrs(OP, part, M, rows, dd, D), acc / l_safe[:, None], mask=rd)
+    tl.store(blocks.part_ptrs(OP, part, M, rows, dd, D), acc / l_safe[:, None], mask=rd)
     tl.store(LP + part * M + rows, lse, mask=rmask)
 
 
@@ -147,22 +147,22 @@ def _memory_bwd_dq_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DQP,
     """
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, rmask = common.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
-    lse, delta = common.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
-    dd, dmask = common.span(0, BLOCK_D, D)
+    rows, rmask = blocks.span(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
+    lse, delta = blocks.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
+    dd, dmask = blocks.span(0, BLOCK_D, D)
     rd = rmask[:, None] & dmask[None, :]
-    q = common.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
-    do = common.load_tile(DO + b * s_dob, rows, s_dom, dd, s_dod, rd)
-    n_start, n_end = common.key_range(split, keys_per_split, N)
+    q = blocks.load_tile(Q + b * s_qb, rows, s_qm, dd, s_qd, rd)
+    do = blocks.load_tile(DO + b * s_dob, rows, s_dom, dd, s_dod, rd)
+    n_start, n_end = blocks.key_range(split, keys_per_split, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         f, k, s = _key_block(q, F + b * s_fb, POS + b * s_pb, KEEP + b * s_keep_b, n0, n_end, dd, dmask,
                              s_fn, s_fd, s_pn, s_pd, s_keep_n, qk_scale, HAS_POS, BLOCK_N)
         dp = tl.dot(do, tl.trans(f), input_precision="ieee")
-        _, ds = common.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
+        _, ds = blocks.softmax_grad(s, dp, lse, delta, KEY_MAJOR=False)
         dq = tl.dot(ds.to(f.dtype), k, dq, input_precision="ieee")
     part = split.to(tl.int64) * tl.num_programs(2) + b
-    tl.store(common.part_ptrs(DQP, part, M, rows, dd, D), dq * sm_scale, mask=rd)
+    tl.store(blocks.part_ptrs(DQP, part, M, rows, dd, D), dq * sm_scale, mask=rd)
 
 
 @triton.jit
@@ -180,29 +180,29 @@ def _memory_bwd_dmem_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DMEM, DPOSP,
     """
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    # Written out rather than with common.span: so ptxas (sm_90a) allocates 192 registers, not 196,
+    # Written out rather than with blocks.span: so ptxas (sm_90a) allocates 192 registers, not 196,
     # at D = 256 with NEED_DPOS (tests/kernels/test_compile_sm90.py).
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    dd, dmask = common.span(0, BLOCK_D, D)
+    dd, dmask = blocks.span(0, BLOCK_D, D)
     cd = cmask[:, None] & dmask[None, :]
-    valid = common.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
-    f = common.load_tile(F + b * s_fb, cols, s_fn, dd, s_fd, cd)
+    valid = blocks.load_keep(KEEP + b * s_keep_b, cols, cmask, s_keep_n) & cmask
+    f = blocks.load_tile(F + b * s_fb, cols, s_fn, dd, s_fd, cd)
     k = _keys(f, POS + b * s_pb, cols, dd, cd, s_pn, s_pd, HAS_POS)
     q_base = Q + b * s_qb
     do_base = DO + b * s_dob
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     acc_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows, rmask = common.span(m0, BLOCK_M, M)
+        rows, rmask = blocks.span(m0, BLOCK_M, M)
         rd = rmask[:, None] & dmask[None, :]
-        q = common.load_tile(q_base, rows, s_qm, dd, s_qd, rd)
-        do = common.load_tile(do_base, rows, s_dom, dd, s_dod, rd)
-        lse, delta = common.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
+        q = blocks.load_tile(q_base, rows, s_qm, dd, s_qd, rd)
+        do = blocks.load_tile(do_base, rows, s_dom, dd, s_dod, rd)
+        lse, delta = blocks.load_lse_and_delta(LSE, DELTA, b * M, rows, rmask)
         st = tl.dot(k, tl.trans(q), input_precision="ieee")
         dpt = tl.dot(f, tl.trans(do), input_precision="ieee")
-        st = common.scaled_logits(st, valid[:, None], qk_scale)
-        pt, dst = common.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
+        st = blocks.scaled_logits(st, valid[:, None], qk_scale)
+        pt, dst = blocks.softmax_grad(st, dpt, lse, delta, KEY_MAJOR=True)
         acc = tl.dot(pt.to(f.dtype), do, acc, input_precision="ieee")
         if NEED_DPOS:
             acc_k = tl.dot(dst.to(f.dtype), q, acc_k, input_precision="ieee")
@@ -210,9 +210,9 @@ def _memory_bwd_dmem_kernel(Q, F, POS, KEEP, DO, LSE, DELTA, DMEM, DPOSP,
             acc = tl.dot((dst * sm_scale).to(f.dtype), q, acc, input_precision="ieee")
     if NEED_DPOS:
         acc_k = acc_k * sm_scale
-        tl.store(common.part_ptrs(DPOSP, b, N, cols, dd, D), acc_k, mask=cd)
+        tl.store(blocks.part_ptrs(DPOSP, b, N, cols, dd, D), acc_k, mask=cd)
         acc += acc_k
-    common.store_tile(DMEM + b * s_dmb, cols, s_dmn, dd, s_dmd, acc, cd)
+    blocks.store_tile(DMEM + b * s_dmb, cols, s_dmn, dd, s_dmd, acc, cd)
 
 
 # Name -> kernel, pointer arguments and their element types (pointers not listed carry the input
@@ -237,7 +237,7 @@ def _fused(q: torch.Tensor) -> bool:
 
 
 def _config(entry, has_pos, D, **want):
-    return common.config(KERNEL_TABLE, entry, HAS_POS=has_pos, BLOCK_D=triton.next_power_of_2(D), **want)
+    return host.config(KERNEL_TABLE, entry, HAS_POS=has_pos, BLOCK_D=triton.next_power_of_2(D), **want)
 
 
 def _pos_args(memory, pos):
@@ -253,24 +253,24 @@ def _forward(q, memory, pos, keep, scale):
     B, M, D = q.shape
     N = memory.shape[1]
     device = q.device
-    o = common.alloc((B, M, D), q.dtype, device)
-    lse = common.alloc((B, M), torch.float32, device)
+    o = host.alloc((B, M, D), q.dtype, device)
+    lse = host.alloc((B, M), torch.float32, device)
     if M == 0 or B == 0:
         return o, lse
     if N == 0:  # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("inf"))
-    keep_bytes = common.keep_u8(keep, B, N, device)
+    keep_bytes = host.keep_u8(keep, B, N, device)
     pos_arg, pos_strides, has_pos = _pos_args(memory, pos)
     constexprs, launch = _config("memory_fwd", has_pos, D)
     n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
-    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
+    n_splits, keys_per_split = host.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
                                                  ca.PROGRAMS_PER_SM)
-    o_parts = common.alloc((n_splits, B, M, D), torch.float32, device)
-    lse_parts = common.alloc((n_splits, B, M), torch.float32, device)
+    o_parts = host.alloc((n_splits, B, M, D), torch.float32, device)
+    lse_parts = host.alloc((n_splits, B, M), torch.float32, device)
     _memory_fwd_kernel[(n_query_blocks, n_splits, B)](
         q, memory, pos_arg, keep_bytes, o_parts, lse_parts, *q.stride(), *memory.stride(), *pos_strides,
-        *keep_bytes.stride(), M, N, D, scale * common.LOG2E, keys_per_split, **constexprs, **launch)
-    common.combine_splits(o_parts, lse_parts, o[:, None], lse)  # one head
+        *keep_bytes.stride(), M, N, D, scale * blocks.LOG2E, keys_per_split, **constexprs, **launch)
+    key_splits.combine_splits(o_parts, lse_parts, o[:, None], lse)  # one head
     return o, lse
 
 
@@ -283,15 +283,15 @@ def _backward(do, q, memory, pos, keep, o, lse, scale, need_dpos):
     if M == 0 or N == 0 or B == 0:
         dpos = torch.zeros_like(pos) if need_dpos else no_dpos
         return torch.zeros_like(q), torch.zeros_like(memory), dpos
-    keep_bytes = common.keep_u8(keep, B, N, device)
+    keep_bytes = host.keep_u8(keep, B, N, device)
     pos_arg, pos_strides, has_pos = _pos_args(memory, pos)
-    qk_scale = scale * common.LOG2E
-    delta = common.row_delta(o[:, None], do[:, None])  # one head
+    qk_scale = scale * blocks.LOG2E
+    delta = key_splits.row_delta(o[:, None], do[:, None])  # one head
 
     constexprs, launch = _config("memory_bwd_dmem", has_pos, D, NEED_DPOS=need_dpos)
-    dmem = common.alloc((B, N, D), memory.dtype, device)
+    dmem = host.alloc((B, N, D), memory.dtype, device)
     # Without need_dpos, dmem stands in for the unwritten per-batch position gradient.
-    dpos_per_batch = common.alloc((B, N, D), torch.float32, device) if need_dpos else dmem
+    dpos_per_batch = host.alloc((B, N, D), torch.float32, device) if need_dpos else dmem
     _memory_bwd_dmem_kernel[(triton.cdiv(N, constexprs["BLOCK_N"]), B)](
         q, memory, pos_arg, keep_bytes, do, lse, delta, dmem, dpos_per_batch, *q.stride(), *memory.stride(),
         *pos_strides, *do.stride(), *keep_bytes.stride(), *dmem.stride(), M, N, D, qk_scale, scale, **constexprs,
@@ -300,9 +300,9 @@ def _backward(do, q, memory, pos, keep, o, lse, scale, need_dpos):
 
     constexprs, launch = _config("memory_bwd_dq", has_pos, D)
     n_query_blocks = triton.cdiv(M, constexprs["BLOCK_M"])
-    n_splits, keys_per_split = common.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
+    n_splits, keys_per_split = host.split_keys(N, constexprs["BLOCK_N"], n_query_blocks * B, device,
                                                  ca.PROGRAMS_PER_SM)
-    dq_parts = common.alloc((n_splits, B, M, D), torch.float32, device)
+    dq_parts = host.alloc((n_splits, B, M, D), torch.float32, device)
     _memory_bwd_dq_kernel[(n_query_blocks, n_splits, B)](
         q, memory, pos_arg, keep_bytes, do, lse, delta, dq_parts, *q.stride(), *memory.stride(), *pos_strides,
         *do.stride(), *keep_bytes.stride(), M, N, D, qk_scale, scale, keys_per_split, **constexprs, **launch)
@@ -374,7 +374,7 @@ def triton_memory_attention(q: torch.Tensor, memory: torch.Tensor, pos: Optional
         ValueError on shape/dtype/device mismatch.
     """
     check_memory_attention_inputs(q, memory, pos, key_padding_mask, name="triton_memory_attention")
-    common.check_kernel_inputs(q, "triton_memory_attention")
+    host.check_kernel_inputs(q, "triton_memory_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not _fused(q):
         return ca.triton_cross_attention(*memory_as_cross_attention(q, memory, pos), key_padding_mask, scale)[:, 0]

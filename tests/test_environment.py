@@ -141,9 +141,9 @@ def test_gpu_suite_path_leaves_the_root_out(tmp_path):
     probe = REPO / "tests" / f"test_zz_gpu_env_probe_{os.getpid()}.py"
     probe.write_text("import json, os, sys\n"
                      "def test_probe():\n"
-                     "    import crformer.kernels.common\n"
+                     "    import crformer.kernels.host\n"
                      f"    open({str(tmp_path / 'seen.json')!r}, 'w').write(json.dumps(\n"
-                     "        {'path': sys.path, 'kernels': crformer.kernels.common.__file__}))\n")
+                     "        {'path': sys.path, 'kernels': crformer.kernels.host.__file__}))\n")
     try:
         script = (f"source benchmarks/gpu_env.sh && {sys.executable} $PYTEST {probe.relative_to(REPO)} && "
                   f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.path))'")

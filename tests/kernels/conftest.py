@@ -34,7 +34,7 @@ def nan_buffers(monkeypatch):
     """Every launcher-allocated buffer starts as NaN: any element a kernel forgets stays NaN."""
     if _NO_GPU and os.environ.get("TRITON_INTERPRET") != "1":
         return  # kernels cannot run in this process (see test_rerun_in_subprocess)
-    from crformer.kernels import common
+    from crformer.kernels import host
 
-    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+    monkeypatch.setattr(host, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                  device=device))

@@ -78,9 +78,9 @@ def set_sms(monkeypatch, sms: int) -> None:
     """Pretend the device has ``sms`` SMs (steers how many key splits / query runs the launchers
     make); on a GPU keep the real count."""
     if NO_GPU:
-        from crformer.kernels import common
+        from crformer.kernels import host
 
-        monkeypatch.setattr(common, "num_sms", lambda device: sms)
+        monkeypatch.setattr(host, "num_sms", lambda device: sms)
 
 
 def rerun_interpreted(path: str) -> None:

@@ -20,10 +20,10 @@ import sys
 
 import pytest
 
-from crformer.kernels import common, cross_attention, memory_attention
-from crformer.kernels.common import shipped_configs
+from crformer.kernels import cross_attention, host, key_splits, memory_attention
+from crformer.kernels.host import shipped_configs
 
-MODULES = (cross_attention, common, memory_attention)
+MODULES = (cross_attention, key_splits, memory_attention)
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 
 
@@ -69,7 +69,7 @@ def _worker():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    assert not common.INTERPRET, "unset TRITON_INTERPRET for AOT compilation"
+    assert not host.INTERPRET, "unset TRITON_INTERPRET for AOT compilation"
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     tmp = tempfile.mkdtemp(prefix="crformer_sm90_")
     for mod, entry, name, dt, cx, nw, ns, mma in _configs():
