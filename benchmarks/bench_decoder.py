@@ -21,7 +21,7 @@ Backends: reference, torch.compile(reference) and FlexAttention (GPU, paper conf
 shape recompiles), sdpa, xformers (if importable, CUDA), triton (CUDA). The layer itself runs with
 the backends the model accepts (reference, sdpa, xformers, triton), sdpa+fold / triton+fold (the
 cross-attention folded, model key fold_decoder_attention) and torch.compile of the layer with the
-reference backend. Bytes: see benchmarks/common.py (each input read once, each output
+reference backend. Bytes: see benchmarks/common/counting.py (each input read once, each output
 written once). Results: <out-dir>/<device>-<date>.json and .md (section "decoder").
 """
 
@@ -159,7 +159,7 @@ def main(argv=None):
             ("Nq=256 60²", 8, 256, 60, False), ("120² (B=8)", 8, 16, 120, False), ("60² padded keys", 8, 16, 60, True)]
     d = D // H
     notes = [shape_note, f"dtype {dev.dtype}", dev.bandwidth_note,
-             "bytes: each input (and parameter) read once, each output written once (benchmarks/common.py)",
+             "bytes: each input (and parameter) read once, each output written once (benchmarks/common/counting.py)",
              "× best peer = fastest other backend's time / this backend's time, same case and pass"]
     if not dev.cuda:
         notes.insert(0, common.CPU_NOTE)

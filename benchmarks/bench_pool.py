@@ -6,7 +6,7 @@
 Shapes: B = 32, L = 20, C in {768, 1024} (BERT-base / -large widths), modes mean and max, forward
 and forward+backward. CPU: median wall time over repetitions after warm-up, op and reference timed in
 the same run, ratio = reference / op. CUDA: triton.testing.do_bench (CUDA events, median) with
-inputs rotated through more than L2, plus % of the HBM floor (bytes / the card's bandwidth, common.py):
+inputs rotated through more than L2, plus % of the HBM floor (bytes / the card's bandwidth, common/device.py):
 forward bytes = read x + mask, write out; backward bytes = read grad_out + mask (+ x for max),
 write grad_x.
 """

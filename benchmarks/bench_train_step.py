@@ -31,7 +31,7 @@ steps run and the column stays blank.
 
 Accounting, one extra step per row after the timed ones (``common.account_step``): FLOPs of forward +
 loss + backward counted by ``FlopCounterMode`` (model FLOPs, the same for every attention backend; see
-``common.py``), MFU = FLOPs / median step time / the card's dense bf16 peak (blank on CPU and on cards not
+``common/counting.py``), MFU = FLOPs / median step time / the card's dense bf16 peak (blank on CPU and on cards not
 in ``common.PEAK_BF16_TFLOPS``), top-level aten calls of the whole step (``common.OpCounter``; forward +
 loss, backward and optimizer separately in the JSON). CUDA only: host ms (the step call without a sync,
 beside the CUDA-event time), kernel launches and summed kernel time of one profiled step.

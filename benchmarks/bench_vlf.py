@@ -9,7 +9,7 @@ L = 20 words (valid lengths 5–20); 1 head, so the head dim is the full C. Each
 forward+backward, across reference, torch.compile(reference), sdpa, FlexAttention, xformers and
 triton (the last four on CUDA only), and (b) as the whole VLF module
 ``VisionLanguageFusion(C, lang_dim=768, 1 head, attn_backend)`` (norm, attention, vis/fuse projections,
-gate) with words B×L×768 (BERT-base width). Bytes: see benchmarks/common.py. Results go to
+gate) with words B×L×768 (BERT-base width). Bytes: see benchmarks/common/counting.py. Results go to
 <out-dir>/<device>-<date>.json and .md (section "vlf").
 """
 
@@ -80,7 +80,7 @@ def main(argv=None):
         B, stages, lang_dim = 8, [(120, 128), (60, 256), (30, 512), (15, 1024)], LANG_DIM
         shape_note = "Swin-B at 480²: B=8, N=120²/60²/30²/15², C=128/256/512/1024, L=20 (lengths 5–20), 1 head"
     notes = [shape_note, f"dtype {dev.dtype}", dev.bandwidth_note,
-             "bytes: each input (and parameter) read once, each output written once (benchmarks/common.py)",
+             "bytes: each input (and parameter) read once, each output written once (benchmarks/common/counting.py)",
              "× best peer = fastest other backend's time / this backend's time, same case and pass"]
     if not dev.cuda:
         notes.insert(0, common.CPU_NOTE)
