@@ -57,8 +57,10 @@ MAX_D = 256  # the whole head dim sits in one register tile
 # largest that ptxas (sm_90a, triton 3.8) fits without spilling at D = 256 with a position table,
 # 8 warps (benchmarks/NOTES.md, "memory attention"): the forward keeps a 64-row query tile (wgmma)
 # with 32-key blocks; the backward kernels hold two more full-width tiles (dO, and Q or the
-# accumulator), so one of their tile sides drops to 32 rows and their dots use mma.sync. The
-# second (position-gradient) accumulator of memory_bwd_dmem fits too: 194 registers at D = 256.
+# accumulator), so one of their tile sides drops to 32 rows and their dots use mma.sync. At D = 256
+# memory_bwd_dmem uses 150 registers (152 without a position table); its position-gradient variant
+# (NEED_DPOS, a second accumulator) 194 (192): the model's calls skip that variant, since its
+# position table is a fixed sine table (tests/kernels/test_compile_sm90.py, measured 2026-12-06).
 # Tiles were chosen by registers only: not timed on a GPU yet.
 _LOWP = ("fp16", "bf16")
 _POS_AND_D = dict(HAS_POS=(False, True), BLOCK_D=(64, 128, 256))
