@@ -20,7 +20,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-PACKAGES = ["crformer", "crformer.ops", "crformer.data", "crformer.models", "crformer.kernels"]
+PACKAGES = ["crformer", "crformer.ops", "crformer.data", "crformer.models", "crformer.kernels", "crformer.demo"]
 DEFAULT_ARCHES = "8.0;9.0+PTX"
 
 

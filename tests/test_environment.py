@@ -106,6 +106,8 @@ def test_wheel_holds_crformer_kernels_and_no_top_level_kernels(tmp_path):
     assert shipped == {p.name for p in (REPO / "kernels").glob("*.py")}, sorted(names)
     tops = {n.split("/")[0] for n in names}
     assert not {t for t in tops if t != "crformer" and not t.endswith(".dist-info")}, sorted(tops)
+    packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "crformer").rglob("__init__.py")}
+    assert {p for p in packages if f"{p}/__init__.py" not in names} == set(), "packages missing from the wheel"
 
 
 def _pins(text: str) -> dict[str, str]:
