@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "dice_weight": 1.0,
         "rec_weight": 0.1,             # λ, reconstruction loss
         "rec_sentence_weight": 0.0,    # optional sentence-level term of L_rec
+        "query_weight": 0.0,           # optional: the best single query's mask loss (models.losses.best_query_loss)
     },
     "train": {
         "epochs": 7,
@@ -332,7 +333,7 @@ RULES: dict[str, tuple] = {
     "model.lrm_input": _one_of("calibrated", "pre_calibration"), "model.attn_backend": _one_of("auto", *BACKENDS),
     "model.fold_decoder_attention": _BOOL, "model.grad_checkpointing": _BOOL,
     "loss.aux_weight": _num(0), "loss.dice_weight": _num(0), "loss.rec_weight": _num(0),
-    "loss.rec_sentence_weight": _num(0),
+    "loss.rec_sentence_weight": _num(0), "loss.query_weight": _num(0),
     "train.epochs": _int(1), "train.batch_size": _int(1), "train.grad_accum": _int(1),
     "train.compile": _one_of("none", "default", "max-autotune"), "train.cuda_graphs": _BOOL,
     "train.lr": _num(0, strict=True),

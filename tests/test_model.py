@@ -178,3 +178,25 @@ def test_reconstruction_loss_ignores_padding_and_empty_rows():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     rec[0, 0] = -target[0, 0]
     assert reconstruction_loss(rec, target, mask).item() == pytest.approx(1.0, abs=1e-5)  # (2 + 0) / 2 tokens
+
+
+def test_best_query_loss_is_the_smallest_per_query_mask_loss():
+    """Per sample the minimum over queries of the plain mask loss, then the batch mean; a query that
+    equals the target wins, and crformer_loss adds the term only when loss.query_weight > 0."""
+    from crformer.models.losses import best_query_loss, mask_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 8, 8, generator=g, dtype=torch.float64)
+    target = (torch.rand(3, 8, 8, generator=g) > 0.5).double()
+    per = torch.tensor([[mask_loss(logits[b, q][None], target[b][None]).item() for q in range(5)] for b in range(3)])
+    assert best_query_loss(logits, target).item() == pytest.approx(per.min(dim=1).values.mean().item(), rel=1e-6)
+    perfect = logits.clone()
+    perfect[1, 2] = target[1] * 40 - 20  # sample 1's third query is its target: its loss is ~0
+    assert best_query_loss(perfect, target).item() == pytest.approx((per[0].min() + per[2].min()).item() / 3, rel=1e-5)
+
+    cfg = load_config(None, [])["loss"]
+    outputs = {"pred_masks": logits[:, 0], "aux_masks": [], "query_masks": logits}
+    assert "query" not in crformer_loss(outputs, target, cfg)
+    with_query = crformer_loss(outputs, target, {**cfg, "query_weight": 0.5})
+    plain = crformer_loss(outputs, target, cfg)
+    assert with_query["total"].item() == pytest.approx(plain["total"].item() + 0.5 * with_query["query"].item())

@@ -29,6 +29,8 @@ class CRFormer(nn.Module):
       - ``pred_masks``: B×(S/s)×(S/s) mask logits from the last decoder layer (s = ``mask_stride``);
       - ``aux_masks``: list of N_d − 1 mask logits B×(S/4)×(S/4) from the earlier layers, before the
         outline refinement of ``mask_stride`` < 4 (training only);
+      - ``query_masks``: B×N_q×(S/4)×(S/4), the last layer's per-query mask logits before they are
+        merged (training only; ``loss.query_weight``);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
 
@@ -122,6 +124,7 @@ class CRFormer(nn.Module):
             # Unrefined (B×(S/4)×(S/4)): deep supervision trains the queries; only the final mask
             # needs the outline refinement, which was a tenth of a CPU training step per call.
             result["aux_masks"] = [self.mask_head(o, pixel, sentence) for o in outs[:-1]]
+            result["query_masks"] = self.mask_head.query_masks(outs[-1], pixel)
             lrm_reads = pres if self.lrm_input == "pre_calibration" else outs
             result["rec"] = self.lrm(lrm_reads[-1]) if self.lrm is not None else None
         return result

@@ -52,9 +52,13 @@ class MaskHead(nn.Module):
             nn.init.zeros_(self.refine[-1].weight)
             nn.init.zeros_(self.refine[-1].bias)
 
+    def query_masks(self, q: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """Each query's own mask logits, B×N_q×H×W, before the confidences merge them."""
+        return torch.einsum("bqd,bdhw->bqhw", self.mask_embed(q), pixel)
+
     def forward(self, q: torch.Tensor, pixel: torch.Tensor, sentence: torch.Tensor,
                 detail: torch.Tensor | None = None) -> torch.Tensor:
-        masks = torch.einsum("bqd,bdhw->bqhw", self.mask_embed(q), pixel)
+        masks = self.query_masks(q, pixel)
         ctx = sentence[:, None, :].expand_as(q)
         weights = self.confidence(torch.cat([q, ctx], dim=-1)).squeeze(-1).softmax(dim=1)
         logits = torch.einsum("bq,bqhw->bhw", weights, masks)

@@ -23,6 +23,20 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1
     return F.binary_cross_entropy_with_logits(logits, target) + dice_weight * dice_loss(logits, target)
 
 
+def best_query_loss(query_logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """BCE + Dice of the best single query: for each sample the smallest loss over its N_q per-query
+    masks (B×N_q×h×w logits, upsampled to the target's B×H×W), averaged over the batch. The merged
+    mask alone can fit a sentence that names a group by spreading over the group; this term asks one
+    query to hold the referred object by itself (an optional training signal: ``loss.query_weight``)."""
+    B, Q = query_logits.shape[:2]
+    logits = F.interpolate(query_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    t = target[:, None].expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(2)
+    p, tf = logits.sigmoid().flatten(2), t.flatten(2)
+    dice = 1 - (2 * (p * tf).sum(2) + 1) / (p.sum(2) + tf.sum(2) + 1)
+    return (bce + dice_weight * dice).min(dim=1).values.mean()
+
+
 def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                         sentence_weight: float = 0.0, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Masked (1 − cosine) per valid token, averaged; plus ``sentence_weight`` × (1 − cosine) of the
@@ -51,6 +65,9 @@ def crformer_loss(outputs: dict, target: torch.Tensor, cfg: dict, num_tokens: to
     aux = outputs.get("aux_masks", [])
     terms["aux"] = sum(mask_loss(a, target, cfg["dice_weight"]) for a in aux) if aux else target.new_zeros(())
     total = terms["mask"] + cfg["aux_weight"] * terms["aux"]
+    if cfg["query_weight"]:
+        terms["query"] = best_query_loss(outputs["query_masks"], target, cfg["dice_weight"])
+        total = total + cfg["query_weight"] * terms["query"]
     if outputs.get("rec") is not None:
         terms["rec"] = reconstruction_loss(outputs["rec"], outputs["lang"], outputs["lang_mask"],
                                            cfg["rec_sentence_weight"], num_tokens)
