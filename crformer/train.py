@@ -132,6 +132,7 @@ class Trainer:
         self.out = check_writable(cfg["train"]["out_dir"], "train.out_dir", folder=True)
         self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
         self.model = CRFormer.from_config(cfg, self.device).to(self.device)
+        self.model.return_query_masks = cfg["loss"]["query_weight"] > 0
         self._build_data()
         self._build_step()
         self._build_optimizer()

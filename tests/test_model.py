@@ -200,3 +200,19 @@ def test_best_query_loss_is_the_smallest_per_query_mask_loss():
     with_query = crformer_loss(outputs, target, {**cfg, "query_weight": 0.5})
     plain = crformer_loss(outputs, target, cfg)
     assert with_query["total"].item() == pytest.approx(plain["total"].item() + 0.5 * with_query["query"].item())
+
+
+def test_per_query_masks_are_computed_only_when_asked(data_cache, tmp_path):
+    """The trainer asks for the per-query masks only when loss.query_weight > 0, so the default
+    step does not compute them."""
+    from crformer import train
+
+    ids, mask = SentenceTokenizer("minilm", 20)(["the red square", "the leftmost circle"])
+    for weight in (0.0, 0.5):
+        cfg = load_config(None, TINY_MODEL + [f"data.cache_dir={data_cache}", f"train.out_dir={tmp_path / str(weight)}",
+                                              f"loss.query_weight={weight}"])
+        model = train.Trainer(cfg).model.train()
+        out = model(torch.randn(2, 3, 32, 32), ids, mask)
+        assert ("query_masks" in out) == (weight > 0)
+        if weight:
+            assert out["query_masks"].shape[:2] == (2, cfg["model"]["num_queries"])

@@ -30,7 +30,8 @@ class CRFormer(nn.Module):
       - ``aux_masks``: list of N_d − 1 mask logits B×(S/4)×(S/4) from the earlier layers, before the
         outline refinement of ``mask_stride`` < 4 (training only);
       - ``query_masks``: B×N_q×(S/4)×(S/4), the last layer's per-query mask logits before they are
-        merged (training only; ``loss.query_weight``);
+        merged (training with ``return_query_masks = True`` only, which the trainer sets when
+        ``loss.query_weight`` > 0: otherwise no step pays for them);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
 
@@ -62,6 +63,8 @@ class CRFormer(nn.Module):
         device: where the model will run, for ``attn_backend``; None: CUDA when available. Not a
             config key, and not where the model is built: that is always the CPU.
     """
+
+    return_query_masks: bool = False
 
     def __init__(self, *, image_size: int = 64, max_tokens: int = 20, text_encoder: str = "minilm",
                  text_finetune: bool = False, text_trainable_layers: int = -1,
@@ -124,7 +127,8 @@ class CRFormer(nn.Module):
             # Unrefined (B×(S/4)×(S/4)): deep supervision trains the queries; only the final mask
             # needs the outline refinement, which was a tenth of a CPU training step per call.
             result["aux_masks"] = [self.mask_head(o, pixel, sentence) for o in outs[:-1]]
-            result["query_masks"] = self.mask_head.query_masks(outs[-1], pixel)
+            if self.return_query_masks:
+                result["query_masks"] = self.mask_head.query_masks(outs[-1], pixel)
             lrm_reads = pres if self.lrm_input == "pre_calibration" else outs
             result["rec"] = self.lrm(lrm_reads[-1]) if self.lrm is not None else None
         return result
