@@ -146,8 +146,8 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
 
         loader = tqdm(loader, desc=f"eval {split}", leave=False)
     for batch in loader:
-        batch = batch.to(device)
-        logits = predict_logits(model, batch.images, batch.input_ids, batch.attention_mask, amp)
+        images = batch.images.to(device)  # not Batch.to: the metrics read full-size masks, not the S×S target
+        logits = predict_logits(model, images, batch.input_ids, batch.attention_mask, amp)
         idx = batch.index.tolist()
         gts = [refer.mask(ds.samples[i]) for i in idx]
         for b, i in enumerate(idx):
@@ -168,7 +168,7 @@ def evaluate_split(model, refer, split: str, cfg: dict, tokenizer, device: torch
                                   str(Path(vis_dir) / f"{path_part(split)}_{i:05d}.png"), iou)
                 vis_left -= 1
         if check is not None:
-            check.update(model, refer, batch.images, idx, gts, amp)
+            check.update(model, refer, images, idx, gts, amp)
     model.train(was_training)
     out = {"overall": _reduce(overall).compute(), "by_kind": {k: _reduce(m).compute() for k, m in by_kind.items()}}
     if protocol == "lavt":
