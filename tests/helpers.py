@@ -24,11 +24,18 @@ TINY_MODEL = [
 ]
 
 
-def python_m(module: str, *args: str, timeout: int = 600, warnings: str = "ignore") -> subprocess.CompletedProcess:
-    """``python -m <module> args`` from the repository root, one thread, output captured."""
+#: GNU time, which reports a command's peak resident memory (``%M``); absent on some systems.
+GNU_TIME = "/usr/bin/time"
+
+
+def python_m(module: str, *args: str, timeout: int = 600, warnings: str = "ignore",
+             peak_file: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repository root, one thread, output captured. With
+    ``peak_file`` (and GNU time installed), the child's peak resident memory in KiB is written there."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=timeout)
+    prefix = [GNU_TIME, "-f", "%M", "-o", str(peak_file)] if peak_file and os.access(GNU_TIME, os.X_OK) else []
+    return subprocess.run([*prefix, sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=timeout)
 
 
 def train_losses(out_dir: Path) -> dict:

@@ -160,3 +160,23 @@ def test_file_is_closed(tmp_path):
     out = load_image(p)
     os.remove(p)  # would fail on some platforms if still open; data must still be usable
     assert _rgb(out)[0, 0].tolist() == [7, 7, 7]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_inference_downscales_a_large_image_on_load(tmp_path, fmt):
+    from crformer.data.image import INFERENCE_MAX_SIDE, image_size
+
+    w, h = 2 * INFERENCE_MAX_SIDE + 200, 40
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = (200, 30, 30)
+    arr[:, w // 2:] = (30, 30, 200)
+    p = str(tmp_path / f"wide.{fmt.lower()}")
+    Image.fromarray(arr).save(p, format=fmt)
+    assert load_image(p).size == image_size(p) == (w, h)  # training and evaluation keep every pixel
+    small = load_image(p, max_side=INFERENCE_MAX_SIDE)
+    assert small.mode == "RGB" and max(small.size) <= INFERENCE_MAX_SIDE
+    assert max(small.size) >= INFERENCE_MAX_SIDE // 2  # JPEG's draft halves at most as far as fits
+    assert abs(small.size[0] / small.size[1] - w / h) < 0.1 * w / h  # aspect kept
+    got = np.asarray(small)
+    left, right = got[:, : small.size[0] // 4].reshape(-1, 3).mean(0), got[:, -small.size[0] // 4:].reshape(-1, 3).mean(0)
+    assert left[0] > 150 > left[2] and right[2] > 150 > right[0]  # the same picture, smaller

@@ -209,3 +209,17 @@ def test_bad_rle_size(tmp_path):
     write_refer(str(tmp_path), "bad", "unc", refs, inst)
     with pytest.raises(UserError, match="annotation 7.*RLE size"):  # when the data is opened, not at step N
         REFER(str(tmp_path), "bad", "unc")
+
+
+def test_short_polygon_parts_are_dropped_with_one_warning():
+    import warnings
+
+    from crformer.data.refer import SHORT_POLYGON_WARNING, check_segmentation
+
+    square = [1.0, 1.0, 9.0, 1.0, 9.0, 9.0, 1.0, 9.0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        assert check_segmentation([square, [2.0, 2.0, 5.0, 5.0]], 20, 20) == [square]
+        assert check_segmentation([[2.0, 2.0, 5.0, 5.0]], 20, 20) is None
+        assert check_segmentation([square], 20, 20) == [square]
+    assert [str(w.message) for w in caught] == [SHORT_POLYGON_WARNING]

@@ -32,8 +32,13 @@ from crformer.process import run
 from tests.helpers import REPO, TINY_MODEL, png_header_only, train_losses
 from tests.helpers import python_m as run_module
 
-def python_m(module: str, *args: str, warnings: str = "ignore") -> subprocess.CompletedProcess:
-    return run_module(f"crformer.{module}", *args, timeout=300, warnings=warnings)
+def python_m(module: str, *args: str, warnings: str = "ignore", peak_file: Path | None = None) -> subprocess.CompletedProcess:
+    return run_module(f"crformer.{module}", *args, timeout=300, warnings=warnings, peak_file=peak_file)
+
+
+#: A refused input costs what starting the command costs: a table row's process stays under this
+#: (≈ 0.5 GB is the tiny commands' usual peak; the 6 GB alias bomb or a 10¹⁰-byte RLE decode would not).
+REFUSAL_PEAK_MIB = 1500
 
 
 def snapshot(folder: Path) -> dict:
@@ -259,16 +264,21 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, family, cli, ar
     argv = [a.format(**fill) for a in args]
     if cli == T and not any(a.startswith("--resume") for a in argv):
         argv = tiny_args(world["cache"], ws / "run2") + argv  # later arguments win
-    before = snapshot(ws)
-    proc = python_m(cli, *argv)
+    before, home_before = snapshot(ws), snapshot(Path(os.environ["HOME"]))
+    peak = ws.parent / f"peak-{os.getpid()}.txt"
+    peak.unlink(missing_ok=True)
+    proc = python_m(cli, *argv, peak_file=peak)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert "Traceback" not in proc.stderr and needle in err[0], err[0]
     assert len(err[0]) < 400, err[0][:600]
     assert snapshot(ws) == before
+    assert snapshot(Path(os.environ["HOME"])) == home_before  # the data cache in HOME included
     assert not (ws / "EXECUTED").exists()
     assert not (ws / "run2").exists()
+    if peak.exists():
+        assert int(peak.read_text().split()[-1]) / 1024 < REFUSAL_PEAK_MIB
 
 
 def test_every_config_key_is_checked():
@@ -398,9 +408,10 @@ def test_kill_9_during_a_checkpoint_write_then_resume_exactly(world, tmp_path):
 def test_resume_and_evaluate_write_where_the_user_says_not_where_the_checkpoint_says(world, tmp_path):
     """A checkpoint handed over from elsewhere names its own out_dir and cache_dir: neither is written."""
     base = [o for o in tiny_args(world["cache"], tmp_path / "x") if not o.startswith("train.out_dir")]
-    origin = tmp_path / "origin"
-    run(train.main, base + [f"train.out_dir={origin}", "train.epochs=2", "train.max_steps=1",
-                            "eval.language_check=false"])
+    origin, its_cache = tmp_path / "origin", tmp_path / "origin_cache"
+    run(train.main, base + [f"train.out_dir={origin}", f"data.cache_dir={its_cache}", "train.epochs=2",
+                            "train.max_steps=1", "eval.language_check=false"])
+    shutil.rmtree(its_cache)  # evaluate must generate the data into the user's cache, not re-create this
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copy(origin / "last.pt", moved / "last.pt")
@@ -408,6 +419,12 @@ def test_resume_and_evaluate_write_where_the_user_says_not_where_the_checkpoint_
     run(train.main, ["--resume", str(moved / "last.pt"), "train.max_steps=2"])
     assert snapshot(origin) == before
     assert load_checkpoint(moved / "last.pt")["step"] == 2 and (moved / "log.jsonl").is_file()
+    from crformer import evaluate
+
+    run(evaluate.main, ["--checkpoint", str(moved / "last.pt"), "--split", "val_easy", "--out",
+                        str(moved / "e.json"), "eval.language_check=false"])
+    assert snapshot(origin) == before and not its_cache.exists()
+    assert json.loads((moved / "e.json").read_text())
 
 
 def test_picture_names_from_split_names_stay_in_the_picture_folder(world, tmp_path):

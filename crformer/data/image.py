@@ -15,9 +15,9 @@ Conversions (never rejections):
 
 Pixel budgets, decided from the header before any pixel is decoded: an image of more than
 :data:`MAX_PIXELS` is refused; with ``max_side`` (inference) a larger image is downscaled on load
-(JPEG decodes at a reduced scale directly) and its mask comes at that size, so predicting on a
-12000×12000 picture costs hundreds of megabytes,
-not gigabytes.
+and its mask comes at that size. A JPEG decodes at a reduced scale directly; other formats (PNG) are
+decoded once at full size and shrunk at once, so a 12000×12000 PNG still peaks at ≈ 0.8 GB while it
+loads (measured 2026-12-07), though nothing after the load sees more than ``max_side``².
 
 Errors are :class:`~crformer.errors.UserError`: ``image not found: PATH`` or
 ``cannot read image PATH: reason``.

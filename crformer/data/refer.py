@@ -412,18 +412,26 @@ def ref_samples(r: Mapping[str, Any], image: Mapping[str, Any], image_path: str,
 _POLYGON_REACH = 4
 
 
+SHORT_POLYGON_WARNING = ("dropped polygon parts of fewer than 3 points from the annotations (pycocotools would "
+                         "misread one as a box; RefCOCO holds a few); not repeated")
+
+
 def check_segmentation(seg: Any, h: int, w: int) -> Any:
     """``seg`` (COCO polygon list, compressed or uncompressed RLE) checked against an h×w image without
     rasterising it: returns the polygon parts to draw (a list), the RLE dict to decode, or None for an
-    empty mask. Polygon parts with fewer than 3 points are dropped (pycocotools would misread a
-    4-number list as a box; real COCO annotations hold a few). Raises ValueError, before pycocotools
-    sees it, on anything else malformed: an odd number of coordinates, a coordinate that is not finite
-    or lies far outside the image, an RLE whose size differs from (h, w) or whose counts do not cover
-    exactly h·w pixels."""
+    empty mask. Polygon parts with fewer than 3 points are dropped with a warning, once per process
+    (pycocotools would misread a 4-number list as a box; real COCO annotations hold a few). Raises
+    ValueError, before pycocotools sees it, on anything else malformed: an odd number of coordinates, a
+    coordinate that is not finite or lies far outside the image, an RLE whose size differs from (h, w)
+    or whose counts do not cover exactly h·w pixels."""
     if seg is None or (isinstance(seg, list) and len(seg) == 0):
         return None
     if isinstance(seg, list):
-        polys = [p for p in (_polygon(part, h, w) for part in seg) if len(p) >= 6]
+        parts = [_polygon(part, h, w) for part in seg]
+        polys = [p for p in parts if len(p) >= 6]
+        if len(polys) < len(parts):
+            # One warning per process (the text is constant): RefCOCO's instances.json holds a few.
+            warnings.warn(SHORT_POLYGON_WARNING)
         return polys or None
     if not isinstance(seg, Mapping):
         raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
