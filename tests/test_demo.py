@@ -136,6 +136,24 @@ def test_a_save_pretrained_folder_serves_the_same_masks(seg, scenes, tmp_path):
         np.testing.assert_array_equal(again(scenes[0].image_path, sentence), seg(scenes[0].image_path, sentence))
 
 
+def test_the_command_serves_a_save_pretrained_folder_on_this_machine_only(seg, tmp_path, monkeypatch, capsys):
+    """``--checkpoint FOLDER`` builds the page from a save_pretrained folder, and without ``--host`` the
+    server is asked to listen on 127.0.0.1 (not every interface)."""
+    pytest.importorskip("gradio", reason="the demo's extra (scripts/setup-demo.sh) is not installed")
+    import crformer.demo.page as page
+    from crformer.demo.__main__ import main
+
+    seg.save_pretrained(tmp_path / "shared")
+    served = {}
+    monkeypatch.setattr(page, "serve", lambda built, scenes, host, port: served.update(host=host, port=port))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    main(["--checkpoint", str(tmp_path / "shared"), "--port", str(free), "--device", "cpu"])
+    assert served == {"host": "127.0.0.1", "port": free}
+    assert f"on http://127.0.0.1:{free}" in capsys.readouterr().out
+
+
 def test_command_line_mistakes_are_one_line(tmp_path, near_random_checkpoint):
     has_gradio = importlib.util.find_spec("gradio") is not None
     with socket.socket() as probe:
