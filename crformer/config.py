@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "image_dir": None,             # default: REFER convention for the dataset
         "cache_dir": "~/.cache/crformer",
         "preload": True,               # decode and resize all images once (small datasets)
+        "one_attr_fraction": 1.0,      # synthetic: share of the one-attribute-only objects each epoch trains on
         "num_workers": 0,
         "synthetic": {"seed": 0, "size": 64, "train_images": 3000, "eval_samples": 300},
     },
@@ -284,9 +285,12 @@ def _int(lo: int, hi: int = INT_MAX):
     return what, lambda v: _is_int(v) and lo <= v <= hi
 
 
-def _num(lo: float, strict: bool = False, hi: float | None = None):
-    what = f"a number {'>' if strict else '≥'} {lo:g}" + (f" and < {hi:g}" if hi is not None else "")
-    return what, lambda v: (_is_num(v) and (v > lo if strict else v >= lo) and (hi is None or v < hi))
+def _num(lo: float, strict: bool = False, hi: float | None = None, hi_closed: bool = False):
+    what = f"a number {'>' if strict else '≥'} {lo:g}"
+    if hi is not None:
+        what += f" and {'≤' if hi_closed else '<'} {hi:g}"
+    return what, lambda v: (_is_num(v) and (v > lo if strict else v >= lo)
+                            and (hi is None or (v <= hi if hi_closed else v < hi)))
 
 
 def _one_of(*choices):
@@ -317,7 +321,7 @@ RULES: dict[str, tuple] = {
     "data.image_size": ("a multiple of 32 in [32, 4096] (Swin's coarsest stage has stride 32)",
                         lambda v: _is_int(v) and 32 <= v <= 4096 and v % 32 == 0),
     "data.max_tokens": _int(3, 512), "data.image_dir": _optional(_PATH), "data.cache_dir": _PATH,
-    "data.preload": _BOOL, "data.num_workers": _int(0),
+    "data.preload": _BOOL, "data.one_attr_fraction": _num(0, hi=1, hi_closed=True), "data.num_workers": _int(0),
     # Generated data: bounded so that no config (a checkpoint's included) asks for days of generation.
     "data.synthetic.seed": _int(0), "data.synthetic.size": _int(16, 1024),
     "data.synthetic.train_images": _int(1, 1_000_000), "data.synthetic.eval_samples": _int(1, 100_000),

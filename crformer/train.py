@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from crformer.checkpoint import (code_version, load_checkpoint, load_model_state, model_state, remove_stale_temp_files,
                                  rng_state, save_checkpoint, set_rng_state)
@@ -132,7 +132,6 @@ class Trainer:
         self.out = check_writable(cfg["train"]["out_dir"], "train.out_dir", folder=True)
         self.tokenizer = SentenceTokenizer(cfg["model"]["text_encoder"], cfg["data"]["max_tokens"])
         self.model = CRFormer.from_config(cfg, self.device).to(self.device)
-        self.model.return_query_masks = cfg["loss"]["query_weight"] > 0
         self._build_data()
         self._build_step()
         self._build_optimizer()
@@ -155,7 +154,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         """The REFER data (rank 0 prepares synthetic data first, the others then read it), its checks,
-        the training set, its sampler and the step counts."""
+        the training set and the step counts."""
         cfg, t, d = self.cfg, self.cfg["train"], self.cfg["data"]
         if is_main():
             self.refer = open_refer(cfg)
@@ -169,10 +168,8 @@ class Trainer:
                                     preload=d["preload"])
         if len(self.train_set) == 0:
             raise UserError(f"split {d['train_split']!r} has no samples")
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=t["seed"], drop_last=True)
         self.local_batch = t["batch_size"] // self.world
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        self.steps_per_epoch = self.train_set.epoch_size(d["one_attr_fraction"]) // self.world // self.local_batch
         if self.steps_per_epoch == 0:
             raise UserError(f"train.batch_size={t['batch_size']} is larger than the training set "
                             f"({len(self.train_set)} objects)")
@@ -279,9 +276,9 @@ class Trainer:
         for epoch in range(start_epoch, t["epochs"]):
             if self.step >= max_steps:
                 break
-            self.sampler.set_epoch(epoch)
             self.train_set.set_epoch(epoch)
-            order = list(self.sampler)[: self.steps_per_epoch * self.local_batch]
+            order = self.train_set.epoch_order(epoch, self.cfg["data"]["one_attr_fraction"], self.rank,
+                                               self.world)[: self.steps_per_epoch * self.local_batch]
             skip = self.step - epoch * self.steps_per_epoch  # batches already done (mid-epoch resume)
             loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=order[skip * self.local_batch:],
                                 collate_fn=collate, num_workers=self.cfg["data"]["num_workers"],

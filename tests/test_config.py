@@ -80,7 +80,8 @@ def test_yaml_refuses_aliases_and_repeated_keys_and_quotes_short():
 
 
 @pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=nan", "loss.aux_weight=-.inf",
-                                      "train.epochs=99999999999", "data.synthetic.eval_samples=1000000"])
+                                      "train.epochs=99999999999", "data.synthetic.eval_samples=1000000",
+                                      "data.one_attr_fraction=1.5", "data.one_attr_fraction=-0.1"])
 def test_numbers_are_finite_and_bounded(override):
     with pytest.raises(UserError, match=override.split("=")[0]):
         load_config(None, [override])

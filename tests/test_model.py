@@ -193,8 +193,18 @@ def test_best_query_loss_is_the_smallest_per_query_mask_loss():
     perfect = logits.clone()
     perfect[1, 2] = target[1] * 40 - 20  # sample 1's third query is its target: its loss is ~0
     assert best_query_loss(perfect, target).item() == pytest.approx((per[0].min() + per[2].min()).item() / 3, rel=1e-5)
+    # Masks coarser than the target: chosen at their own size, scored at the target's; only the
+    # chosen query gets a gradient.
+    big = target.repeat_interleave(2, 1).repeat_interleave(2, 2)  # 16×16, each 8×8 cell a 2×2 block
+    coarse = perfect.clone().requires_grad_()
+    loss = best_query_loss(coarse, big)
+    chosen = [int(per[0].argmin()), 2, int(per[2].argmin())]
+    full = [mask_loss(coarse[b, q][None], big[b][None]) for b, q in enumerate(chosen)]
+    assert loss.item() == pytest.approx(sum(f.item() for f in full) / 3, rel=1e-6)
+    loss.backward()
+    assert [int(q) for q in coarse.grad.flatten(2).abs().sum(2).nonzero()[:, 1]] == chosen
 
-    cfg = load_config(None, [])["loss"]
+    cfg = load_config(None, ["loss.query_weight=0"])["loss"]
     outputs = {"pred_masks": logits[:, 0], "aux_masks": [], "query_masks": logits}
     assert "query" not in crformer_loss(outputs, target, cfg)
     with_query = crformer_loss(outputs, target, {**cfg, "query_weight": 0.5})
@@ -203,8 +213,8 @@ def test_best_query_loss_is_the_smallest_per_query_mask_loss():
 
 
 def test_per_query_masks_are_computed_only_when_asked(data_cache, tmp_path):
-    """The trainer asks for the per-query masks only when loss.query_weight > 0, so the default
-    step does not compute them."""
+    """The trainer asks for the per-query masks only when loss.query_weight > 0, so a step without
+    the term does not compute them."""
     from crformer import train
 
     ids, mask = SentenceTokenizer("minilm", 20)(["the red square", "the leftmost circle"])

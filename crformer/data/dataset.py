@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from crformer.data.image import load_image
 from crformer.data.refer import REFER, RefSample
+from crformer.data.synthetic import ONE_ATTR
 from crformer.errors import UserError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -94,6 +95,34 @@ class RefDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def one_attr_items(self) -> list[int]:
+        """Items whose sentences are all one-attribute (the synthetic data's easy kind)."""
+        return [i for i, group in enumerate(self.items) if all(self.samples[j].kind == ONE_ATTR for j in group)]
+
+    def epoch_size(self, one_attr_fraction: float = 1.0) -> int:
+        """How many items one epoch draws (see :meth:`epoch_order`)."""
+        easy = len(self.one_attr_items()) if one_attr_fraction < 1 else 0
+        return len(self.items) - easy + round(one_attr_fraction * easy)
+
+    def epoch_order(self, epoch: int, one_attr_fraction: float = 1.0, rank: int = 0, world: int = 1) -> list[int]:
+        """Rank ``rank``'s items of ``epoch`` in training order: a permutation drawn from ``seed + epoch``
+        and split over ``world`` ranks as torch's ``DistributedSampler(shuffle=True, drop_last=True)``
+        does, except that only a random ``one_attr_fraction`` of the one-attribute items (drawn anew
+        each epoch) stays in it — the easy kind is learned early, and the spatial sentences need the
+        updates (benchmarks/NOTES.md, issue 21). Every rank gets the same number of items."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        if one_attr_fraction < 1:
+            easy = self.one_attr_items()
+            if not easy:
+                raise UserError(f"data.one_attr_fraction={one_attr_fraction} needs one-attribute sentences, and "
+                                f"split {self.samples[0].split!r} labels none (only the synthetic data does)")
+            drop = set(easy[k] for k in torch.randperm(len(easy), generator=g)[round(one_attr_fraction * len(easy)):])
+            order = [i for i in order if i not in drop]
+        per_rank = len(order) // world
+        return order[rank:per_rank * world:world]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -52,8 +52,9 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = ("small", "large")
+ONE_ATTR = "one-attr"
 HARD_KINDS = ("two-attr", "superlative", "relational")
-TRAIN_KINDS = ("one-attr",) + HARD_KINDS
+TRAIN_KINDS = (ONE_ATTR,) + HARD_KINDS
 # Superlative axis → (word, key giving the extreme as the minimum).
 SUPERLATIVES = {
     "leftmost": lambda o: o.cx,
@@ -106,7 +107,7 @@ def _unique_descs(target: Obj, objs: list, n: int) -> list:
 def describe(target: Obj, objs: list, kind: str, rng: np.random.Generator, margin: float) -> Optional[str]:
     """A sentence of ``kind`` that refers to ``target`` alone among ``objs``, or None if impossible."""
     one = _unique_descs(target, objs, 1)
-    if kind == "one-attr":
+    if kind == ONE_ATTR:
         return _phrase(one[rng.integers(len(one))]) if one else None
     if one:  # hard kinds must not be solvable from a single word
         return None
@@ -254,8 +255,8 @@ def generate(out: str | os.PathLike, seed: int = 0, size: int = 96, train_images
     rng = np.random.default_rng(seed)
     margin = 0.06 * size
     images, annotations, refs = [], [], []
-    for split, kinds in [("train", TRAIN_KINDS), ("val_easy", ("one-attr",)), ("val_hard", HARD_KINDS),
-                         ("test_easy", ("one-attr",)), ("test_hard", HARD_KINDS)]:
+    for split, kinds in [("train", TRAIN_KINDS), ("val_easy", (ONE_ATTR,)), ("val_hard", HARD_KINDS),
+                         ("test_easy", (ONE_ATTR,)), ("test_hard", HARD_KINDS)]:
         is_train = split == "train"
         # Eval splits are filled by exact per-kind quotas: left alone, superlatives would dominate.
         quota = {k: eval_samples // len(kinds) for k in kinds}

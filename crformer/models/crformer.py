@@ -30,7 +30,7 @@ class CRFormer(nn.Module):
       - ``aux_masks``: list of N_d − 1 mask logits B×(S/4)×(S/4) from the earlier layers, before the
         outline refinement of ``mask_stride`` < 4 (training only);
       - ``query_masks``: B×N_q×(S/4)×(S/4), the last layer's per-query mask logits before they are
-        merged (training with ``return_query_masks = True`` only, which the trainer sets when
+        merged (training with ``return_query_masks = True`` only, which :meth:`from_config` sets when
         ``loss.query_weight`` > 0: otherwise no step pays for them);
       - ``rec``: B×L×C_l reconstructed language (training with LRM only), ``lang``: B×L×C_l word
         features, ``lang_mask``: B×L.
@@ -103,7 +103,9 @@ class CRFormer(nn.Module):
         """Build from a full config dict (see :mod:`crformer.config`): the one place that reads it.
         ``device``: where the model will run (the constructor's ``device``). Built on CPU either way."""
         m, d = cfg["model"], cfg["data"]
-        return cls(**m, image_size=d["image_size"], max_tokens=d["max_tokens"], device=device)
+        model = cls(**m, image_size=d["image_size"], max_tokens=d["max_tokens"], device=device)
+        model.return_query_masks = cfg["loss"]["query_weight"] > 0
+        return model
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward instead of keeping them: every Swin stage (timm's own

@@ -24,17 +24,24 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1
 
 
 def best_query_loss(query_logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """BCE + Dice of the best single query: for each sample the smallest loss over its N_q per-query
-    masks (B×N_q×h×w logits, upsampled to the target's B×H×W), averaged over the batch. The merged
-    mask alone can fit a sentence that names a group by spreading over the group; this term asks one
-    query to hold the referred object by itself (an optional training signal: ``loss.query_weight``)."""
-    B, Q = query_logits.shape[:2]
-    logits = F.interpolate(query_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-    t = target[:, None].expand_as(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(2)
-    p, tf = logits.sigmoid().flatten(2), t.flatten(2)
-    dice = 1 - (2 * (p * tf).sum(2) + 1) / (p.sum(2) + tf.sum(2) + 1)
-    return (bce + dice_weight * dice).min(dim=1).values.mean()
+    """BCE + Dice of the best single query: for each sample the :func:`mask_loss` of the one of its N_q
+    per-query masks (B×N_q×h×w logits) that fits its B×H×W target best, averaged over the batch. The
+    merged mask alone can fit a sentence that names a group by spreading over the group; this term asks
+    one query to hold the referred object by itself (an optional training signal: ``loss.query_weight``).
+
+    The choice is made without gradient at the masks' own h×w, against the target area-averaged to h×w
+    — N_q masks upsampled to H×W cost more than the rest of the loss (≈ 29 of 30 ms per default step on
+    2 cores) — and only the chosen mask is upsampled; the gradient reaches the chosen query alone
+    either way, as through a minimum. At h×w = H×W this is exactly the minimum over queries."""
+    B, Q, h, w = query_logits.shape
+    with torch.no_grad():
+        logits = query_logits.detach().float()
+        t = F.adaptive_avg_pool2d(target[:, None].float(), (h, w)).expand(-1, Q, -1, -1)
+        bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(2)
+        p, tf = logits.sigmoid().flatten(2), t.flatten(2)
+        dice = 1 - (2 * (p * tf).sum(2) + 1) / (p.sum(2) + tf.sum(2) + 1)
+        best = (bce + dice_weight * dice).argmin(dim=1)
+    return mask_loss(query_logits[torch.arange(B, device=best.device), best], target, dice_weight)
 
 
 def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
