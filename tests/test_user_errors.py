@@ -127,6 +127,11 @@ def hostile_files(ws: Path) -> None:
         bad_refer(bad, name, ref_change, inst_change)
     bad_refer(bad, "deeprefs", None, None)
     (bad / "deeprefs" / "refs(unc).p").write_bytes(deep_pickle(10000))
+    for data_file in ("instances.json", "refs(unc).p"):  # a data file that is a FIFO would block the read
+        folder = f"fifo{data_file[:4]}"
+        bad_refer(bad, folder, None, None)
+        (bad / folder / data_file).unlink()
+        os.mkfifo(bad / folder / data_file)
     ckpt = torch.load(ws / "run" / "best.pt", weights_only=True)
     name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
     variants = {
@@ -219,12 +224,15 @@ BAD_INPUT = [
     ("fifo", P, ["--checkpoint", "{ck}", "--image", "{ws}/fifo", "--text", "x"], "not a regular file"),
     ("fifo", T, ["--config", "{ws}/fifo"], "not a regular file"),
     ("fifo", E, ["--checkpoint", "{ws}/fifo"], "not a regular file"),
+    ("fifo", T, ["data.root={ws}/bad", "data.dataset=fifoinst", *REFER_TRAIN], "not a regular file"),
+    ("fifo", T, ["data.root={ws}/bad", "data.dataset=fiforefs", *REFER_TRAIN], "not a regular file"),
     ("device output", P, ["--checkpoint", "{ck}", "--image", "{img}", "--text", "x", "--out", "{ws}/full.png"],
      "not a regular file"),
     # Silent wrong answers: refused.
     ("integrity", E, ["--checkpoint", "{ws}/corrupt.pt"], "corrupted"),
     ("integrity", P, ["--checkpoint", "{ws}/corrupt.pt", "--image", "{img}", "--text", "x"], "corrupted"),
     ("integrity", E, ["--checkpoint", "{ws}/nan.pt"], "non-finite"),
+    ("integrity", P, ["--checkpoint", "{ws}/nan.pt", "--image", "{img}", "--text", "x"], "non-finite"),
     ("yaml duplicates", T, ["--config", "{ws}/dupkey.yaml"], "'epochs' is given twice"),
     ("yaml duplicates", T, ["--config", "{ws}/dupsection.yaml"], "'train' is given twice"),
     ("polygon", T, ["data.root={ws}/bad", "data.dataset=poly3", *REFER_TRAIN], "odd number"),
@@ -437,21 +445,42 @@ def test_picture_names_from_split_names_stay_in_the_picture_folder(world, tmp_pa
     assert pictures and all(p.parent == tmp_path / "out" / "e_vis" for p in pictures), pictures
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tmp_path):
-    """A real failed write, not a mock: the file-size limit makes write() fail with EFBIG inside
-    torch's zip writer, which reports it as a RuntimeError ("unexpected pos"), as it does ENOSPC."""
-    path = tmp_path / "last.pt"
-    save_atomic({"model": {}, "config": {}, "step": 1}, path)
-    code = ("import resource, signal, torch\n"
-            "from crformer.checkpoint import save_atomic\nfrom crformer.process import run\n"
+#: What each kind of write is asked to do past the file-size limit, and what it writes first.
+WRITES = {
+    "checkpoint": ("last.pt", "from crformer.checkpoint import save_atomic as w\n",
+                   "w({'model': {'w': torch.zeros(1 << 22)}, 'step': 2}, PATH)"),
+    "output file": ("e.json", "from crformer.files import write_bytes_atomic as w\n",
+                    "w(PATH, b'x' * (1 << 22), 'evaluation results')"),  # evaluate/predict/config.json/metrics.json
+    "log line": ("log.jsonl", "from crformer.files import append_line as w\n", "w(PATH, 'x' * (1 << 22), 'training log')"),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITES))
+def test_a_failed_write_is_one_line_and_keeps_what_was_there(tmp_path, kind):
+    """A real failed write, not a mock: the file-size limit makes write() fail with EFBIG as a full disk
+    fails it with ENOSPC (torch's zip writer turns either into a RuntimeError, "unexpected pos")."""
+    name, imports, call = WRITES[kind]
+    path = tmp_path / name
+    if kind == "checkpoint":
+        save_atomic({"model": {}, "config": {}, "step": 1}, path)
+    else:
+        path.write_bytes(b'{"step": 1}\n')
+    before = path.read_bytes()
+    code = ("import resource, signal, torch\nfrom crformer.process import run\n" + imports +
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-            f"run(lambda argv: save_atomic({{'model': {{'w': torch.zeros(1 << 22)}}, 'step': 2}}, {str(path)!r}))\n")
+            f"run(lambda argv: {call.replace('PATH', repr(str(path)))})\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
-    assert "cannot write checkpoint" in err[0] and "the previous last.pt is intact" in err[0], err[0]
-    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert err[0].startswith("error: cannot write") and str(path) in err[0], err[0]
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temp file left
+    if kind == "log line":  # an append keeps the lines before it (the failed line may be cut)
+        assert path.read_bytes().startswith(before)
+    else:
+        assert path.read_bytes() == before and f"the previous {name} is intact" in err[0], err[0]
+        if kind == "checkpoint":
+            assert load_checkpoint(path)["step"] == 1
 
 
 @pytest.mark.parametrize("signals,status,last_line", [

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from crformer.errors import UserError
+from crformer.files import regular_file
 
 __all__ = ["REFER", "RefSample", "ref_samples", "write_refer", "load_refs_pickle", "COCO_DATASETS"]
 
@@ -211,12 +212,12 @@ class REFER:
         self.data_dir = data_dir
         self.refs_path = os.path.join(data_dir, f"refs({split_by}).p")
         self.instances_path = os.path.join(data_dir, "instances.json")
-        if not os.path.isfile(self.refs_path):
+        if not os.path.lexists(self.refs_path):
             avail = sorted(f for f in os.listdir(data_dir) if f.startswith("refs(") and f.endswith(").p"))
             raise UserError(f"refs file not found: {self.refs_path} "
                             f"(available: {', '.join(avail) or 'none'})")
-        if not os.path.isfile(self.instances_path):
-            raise UserError(f"instances file not found: {self.instances_path}")
+        regular_file(self.refs_path, "refs file")  # a FIFO or a device would block the read
+        regular_file(self.instances_path, "instances file")
         if image_dir is None:
             if dataset in COCO_DATASETS:
                 image_dir = os.path.join(root, "images", "mscoco", "images", "train2014")
