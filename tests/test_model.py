@@ -183,12 +183,16 @@ def test_reconstruction_loss_ignores_padding_and_empty_rows():
 def test_best_query_loss_is_the_smallest_per_query_mask_loss():
     """Per sample the minimum over queries of the plain mask loss, then the batch mean; a query that
     equals the target wins, and crformer_loss adds the term only when loss.query_weight > 0."""
-    from crformer.models.losses import best_query_loss, mask_loss
+    from crformer.models.losses import best_query_loss, dice_loss, mask_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 8, 8, generator=g, dtype=torch.float64)
     target = (torch.rand(3, 8, 8, generator=g) > 0.5).double()
     per = torch.tensor([[mask_loss(logits[b, q][None], target[b][None]).item() for q in range(5)] for b in range(3)])
+    per_dice = torch.stack([torch.stack([dice_loss(logits[b, q][None], target[b][None]) for q in range(5)])
+                            for b in range(3)])
+    unreduced = dice_loss(logits, target[:, None].expand_as(logits), reduction="none")  # the choice's Dice term
+    assert unreduced.shape == (3, 5) and torch.allclose(unreduced, per_dice, rtol=1e-12, atol=0)
     assert best_query_loss(logits, target).item() == pytest.approx(per.min(dim=1).values.mean().item(), rel=1e-6)
     perfect = logits.clone()
     perfect[1, 2] = target[1] * 40 - 20  # sample 1's third query is its target: its loss is ~0

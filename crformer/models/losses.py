@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from crformer.ops import masked_pool
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice on B×H×W logits vs {0,1} targets, averaged over the batch."""
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Soft Dice loss of …×H×W logits vs {0,1} targets, one value per H×W mask: averaged (``"mean"``) or
+    as they are (``"none"``, shape …)."""
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    per_mask = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    return per_mask.mean() if reduction == "mean" else per_mask
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
@@ -38,9 +40,7 @@ def best_query_loss(query_logits: torch.Tensor, target: torch.Tensor, dice_weigh
         logits = query_logits.detach().float()
         t = F.adaptive_avg_pool2d(target[:, None].float(), (h, w)).expand(-1, Q, -1, -1)
         bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(2)
-        p, tf = logits.sigmoid().flatten(2), t.flatten(2)
-        dice = 1 - (2 * (p * tf).sum(2) + 1) / (p.sum(2) + tf.sum(2) + 1)
-        best = (bce + dice_weight * dice).argmin(dim=1)
+        best = (bce + dice_weight * dice_loss(logits, t, reduction="none")).argmin(dim=1)
     return mask_loss(query_logits[torch.arange(B, device=best.device), best], target, dice_weight)
 
 
