@@ -1,7 +1,6 @@
 """How a command's process runs and ends: ``run(main, argv)`` turns a UserError into one line and
 exit status 2, Ctrl-C and SIGTERM into an orderly unwind (exit 130 / 143), and ends torchrun workers
-without the interpreter finalization that can abort them; ``keep_freed_memory()`` makes a CPU
-training process reuse the memory its tensors free."""
+without the interpreter finalization that can abort them."""
 
 from __future__ import annotations
 
@@ -79,27 +78,3 @@ def _exit_torchrun_worker(status: int) -> None:
     sys.stderr.flush()
     ctypes.CDLL(None).fflush(None)  # C stdio too (e.g. NCCL_DEBUG output)
     os._exit(status)
-
-
-#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 256 << 20}  # C ints
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep the memory that freed tensors leave and hand it out again, for the rest of
-    the process. Why: by default a block over malloc's (adaptive) mmap threshold is a fresh mapping
-    and the heap's free top is given back to the kernel, so each CPU training step faults its
-    activations in again — 6,000–28,000 page faults and 15–70 ms of system time per default step on
-    a 2-core VM, and a step time that wanders between 0.29 and 0.36 s (benchmarks/NOTES.md). Blocks up
-    to 32 MiB (glibc's ceiling for the threshold) now come from the heap, which is never trimmed and
-    grows 256 MiB at a time. Allocation only: the numbers a run computes are the same. Returns False,
-    changing nothing, where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only (musl and macOS have no such symbol / mallopt)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())

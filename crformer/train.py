@@ -35,7 +35,7 @@ from crformer.files import append_line, check_writable, write_bytes_atomic
 from crformer.metrics import format_table
 from crformer.models import CRFormer
 from crformer.models.losses import crformer_loss
-from crformer.process import keep_freed_memory, run
+from crformer.process import run
 
 #: Parameters named like this are position tables: no weight decay (with norms, biases and every
 #: embedding table, see :func:`param_groups`).
@@ -150,8 +150,6 @@ class Trainer:
                             f"train.grad_accum={t['grad_accum']} micro-batches")
         if t["num_threads"]:
             torch.set_num_threads(t["num_threads"])
-        if self.device.type == "cpu":
-            keep_freed_memory()
         seed_everything(t["seed"] + self.rank)
 
     def _build_data(self) -> None:
