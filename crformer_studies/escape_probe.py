@@ -8,8 +8,10 @@ val numbers as ``crformer.train`` with the same config, seed and threads). Recor
 
 - every ``--every`` steps (``"step"``): per sentence kind of the batch, the mean entropy (nats) of the
   mask head's softmax over the queries (final layer) and its largest weight; the mean entropy of the
-  QGM's spatial softmaxes (over the stride-32 cells); the gradient norm of each top-level module before
-  clipping; the loss terms.
+  QGM's spatial softmaxes (over the stride-32 cells); how different the N_q queries are — the spread
+  across a sample's queries over the spread across samples (std over queries / std over samples of
+  the query mean, both averaged over the D channels), for the QGM's queries and the last decoder
+  layer's; the gradient norm of each top-level module before clipping; the loss terms.
 - after every epoch (``"epoch"``): for val_hard's superlative and relational sentences, where the
   predicted mask lies — its share of pixels on the target, on the other members of the group the
   sentence's noun phrase names ("the leftmost **circle**": the circles), and elsewhere — and what each
@@ -124,11 +126,13 @@ class EscapeProbe:
 
     def __init__(self, trainer, path: Path, every: int):
         self.trainer, self.path, self.every = trainer, path, every
-        self.recording, self.kinds, self.sq = False, [], defaultdict(float)
+        self.recording, self.sq, self.spread = False, defaultdict(float), {}
         self.query_softmax, self.qgm_softmax = None, None
         model = trainer.model
         model.mask_head.confidence.register_forward_hook(self._on_confidence)
         model.qgm.spatial.register_forward_hook(self._on_qgm_maps)
+        model.qgm.register_forward_hook(self._on_queries("qgm"))
+        model.decoder.register_forward_hook(self._on_queries("decoder", last=True))
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._grad_hook(name.split(".")[0]))
@@ -148,6 +152,13 @@ class EscapeProbe:
     def _on_qgm_maps(self, module, inputs, output):
         if self.recording:
             self.qgm_softmax = output.detach().float().flatten(2).softmax(dim=-1)
+
+    def _on_queries(self, name: str, last: bool = False):
+        def hook(module, inputs, output):
+            if self.recording:
+                q = (output[0][-1] if last else output).detach().float()  # B×N_q×D
+                self.spread[name] = float(q.std(1).mean() / q.mean(1).std(0).mean())
+        return hook
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -172,6 +183,7 @@ class EscapeProbe:
                              "top query weight": round(float(w[sel].max(1).values.mean()), 4),
                              "qgm entropy": round(float(qgm_entropy[sel].mean()), 4)}
         self._write({"step": self.trainer.step, "by_kind": by_kind, "loss": terms,
+                     "query spread": {k: float(f"{v:.4g}") for k, v in self.spread.items()},
                      "grad_norm": {k: float(f"{math.sqrt(v):.4g}") for k, v in sorted(self.sq.items())}})
         return terms
 

@@ -56,6 +56,10 @@ def test_a_probed_run_is_the_plain_run_and_records_what_it_promises(tiny, tmp_pa
     first = steps[0]
     assert {"backbone", "decoder", "mask_head", "qgm", "pixel_decoder"} <= set(first["grad_norm"])
     assert all(v > 0 for v in first["grad_norm"].values()), json.dumps(first["grad_norm"])
+    assert set(first["query spread"]) == {"qgm", "decoder"}, first["query spread"]
+    # the tiny model's stride-32 map is 1×1: every QGM query pools the same vector; the decoder's
+    # learned query positions make them differ
+    assert first["query spread"]["qgm"] == 0 and first["query spread"]["decoder"] > 0, first["query spread"]
     for kind in first["by_kind"].values():
         assert 0 < kind["query entropy"] <= math.log(4) + 1e-4  # rounded to 4 places; the tiny model's 4 queries
         assert 0.25 <= kind["top query weight"] <= 1
