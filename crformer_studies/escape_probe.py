@@ -39,6 +39,7 @@ from crformer.config import load_config
 from crformer.data.dataset import Collate, RefDataset
 from crformer.data.synthetic import COLORS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
 from crformer.engine import predict_logits, upsample_mask
+from crformer.metrics import intersection_union
 from crformer.process import run
 
 SPATIAL_KINDS = ("superlative", "relational")
@@ -64,13 +65,13 @@ def group_word(sentence: str) -> str:
     return words[-1] if words[-1] in SHAPES else words[0]
 
 
-def object_words(refer, image_id: int, size: int) -> dict:
-    """``{ann_id: (mask, {shape, colour, size word})}`` of an image's objects: the shape from the
-    category, the colour nearest the mean pixel, the size from the area."""
+def object_words(refer, image_id: int, anns: list, size: int) -> dict:
+    """``{ann_id: (mask, {shape, colour, size word})}`` of an image's objects (``anns``, its annotations):
+    the shape from the category, the colour nearest the mean pixel, the size from the area."""
     pixels = np.asarray(Image.open(refer.image_path(image_id)).convert("RGB"), dtype=np.float64)
     palette = np.array(list(COLORS.values()), dtype=np.float64)
     out = {}
-    for ann in (a for a in refer.anns.values() if int(a["image_id"]) == image_id):
+    for ann in anns:
         mask = refer.mask(ann)
         shape = refer.categories[int(ann["category_id"])]["name"]
         colour = list(COLORS)[int(np.argmin(((palette - pixels[mask].mean(0)) ** 2).sum(1)))]
@@ -86,14 +87,16 @@ def where_masks_lie(model, refer, cfg: dict, tokenizer) -> dict:
     ds = RefDataset(refer, "val_hard", cfg["data"]["image_size"], train=False, preload=cfg["data"]["preload"])
     idx = [i for i, s in enumerate(ds.samples) if s.kind in SPATIAL_KINDS]
     collate, acc = Collate(tokenizer), defaultdict(lambda: defaultdict(float))
-    objects = {}
+    anns_by_image, objects = defaultdict(list), {}
+    for ann in refer.anns.values():
+        anns_by_image[int(ann["image_id"])].append(ann)
     for start in range(0, len(idx), cfg["eval"]["batch_size"]):
         batch = collate([ds[i] for i in idx[start:start + cfg["eval"]["batch_size"]]])
         logits = predict_logits(model, batch.images, batch.input_ids, batch.attention_mask, cfg["eval"]["amp"])
         for b, i in enumerate(batch.index.tolist()):
             s = ds.samples[i]
             if s.image_id not in objects:
-                objects[s.image_id] = object_words(refer, s.image_id, s.width)
+                objects[s.image_id] = object_words(refer, s.image_id, anns_by_image[s.image_id], s.width)
             word = group_word(s.sentence)
             group = {a: m for a, (m, words) in objects[s.image_id].items() if word in words}
             target = refer.mask(s)
@@ -107,7 +110,7 @@ def where_masks_lie(model, refer, cfg: dict, tokenizer) -> dict:
             a["target in its group"] += s.ann_id in group
             a["share on target"] += (pred & target).sum() / area
             a["share on other members"] += (pred & on_others).sum() / area
-            ious = [(pred & m).sum() / max((pred | m).sum(), 1) for m in [target] + others]
+            ious = [i / max(u, 1) for i, u in (intersection_union(pred, m) for m in [target] + others)]
             if ious[0] >= 0.5:
                 outcome = "is target"
             elif max(ious[1:], default=0) >= 0.5:
@@ -119,6 +122,11 @@ def where_masks_lie(model, refer, cfg: dict, tokenizer) -> dict:
             a[outcome] += 1
     return {kind: {k: round(a[k] / a["n"], 4) if k != "n" else int(a[k]) for k in ("n",) + WHERE_KEYS}
             for kind, a in acc.items()}
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the distributions along the last dim."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
 class EscapeProbe:
@@ -173,8 +181,7 @@ class EscapeProbe:
         terms = self._train_step(batch)
         self.recording = False
         w, maps = self.query_softmax, self.qgm_softmax
-        entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
-        qgm_entropy = -(maps * maps.clamp_min(1e-12).log()).sum(-1).mean(1)
+        entropy, qgm_entropy = _entropy(w), _entropy(maps).mean(1)
         kinds = [self.trainer.train_set.samples[i].kind for i in batch.index.tolist()]
         by_kind = {}
         for kind in sorted(set(kinds)):

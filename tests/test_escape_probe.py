@@ -31,7 +31,8 @@ def test_object_words_match_every_sentence_of_the_data(tiny):
     checked = 0
     for s in refer.samples("val_easy"):
         word = s.sentence.split()[1] if s.sentence.split()[-1] == "shape" else s.sentence.split()[-1]
-        objects = object_words(refer, s.image_id, s.width)
+        anns = [a for a in refer.anns.values() if int(a["image_id"]) == s.image_id]
+        objects = object_words(refer, s.image_id, anns, s.width)
         assert [a for a, (_, words) in objects.items() if word in words] == [s.ann_id], s.sentence
         checked += word in COLORS
     assert checked  # colours were among them
