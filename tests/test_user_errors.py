@@ -514,3 +514,46 @@ def test_checkpoints_carry_a_digest_of_their_weights(world):
     name = next(iter(flipped))
     flipped[name] = flipped[name].clone().view(-1).add_(1).view(flipped[name].shape)
     assert tensor_digest(flipped) != ckpt["model_digest"]
+
+
+
+class _CountingTokenizer:
+    """A tokenizer that records the sentences it is asked to tokenise."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, sentences, **kwargs):
+        self.calls.append(list(sentences))
+        return self.inner(sentences, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_tokenizer_tokenises_each_sentence_once_and_gives_the_same_ids(monkeypatch):
+    """Remembered ids equal a fresh tokenisation (repeats within a call, truncation included); a
+    sentence's word check warns once; past MAX_CACHED the memory starts afresh without losing a row."""
+    import warnings
+
+    from crformer.data.tokenizer import SentenceTokenizer
+
+    batch = ["the red square", "the leftmost circle of all the circles here", "the red square", "a"]
+    tok = SentenceTokenizer("minilm", 6)
+    tok.tokenizer = counting = _CountingTokenizer(tok.tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning
+        want = SentenceTokenizer("minilm", 6)(batch)
+        got = [tok(batch), tok(batch[::-1])]
+    assert counting.calls == [["the red square", "the leftmost circle of all the circles here", "a"]]
+    for (ids, mask), flip in zip(got, (False, True)):
+        ids, mask = (ids.flip(0), mask.flip(0)) if flip else (ids, mask)
+        assert torch.equal(ids, want[0]) and torch.equal(mask, want[1])
+    with pytest.warns(UserWarning, match="no word tokens"):
+        tok(["🙂🙂"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok(["🙂🙂", "the red square"])
+    monkeypatch.setattr(SentenceTokenizer, "MAX_CACHED", 3)
+    ids, mask = tok(["the red square", "a blue star", "a green circle"])
+    assert len(tok._rows) == 3 and torch.equal(ids[0], want[0][0]) and torch.equal(mask[0], want[1][0])
