@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import re
+import secrets
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -92,6 +94,22 @@ def atomic_write(path: str | os.PathLike, what: str) -> Iterator[IO[bytes]]:
             kept = f"; the previous {path.name} is intact" if path.exists() else ""
             raise UserError(f"cannot write {what} {path}: {_write_failure(e, path.parent)}{kept}") from None
         raise
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike, what: str) -> None:
+    """Make ``path`` name the file ``source`` names (a hard link under a temp name, then renamed over
+    ``path``), so one write serves two names; where the filesystem has no hard links, an
+    :func:`atomic_write` copy. Later atomic writes of either name replace only that name."""
+    source, path = Path(source), Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        with open(source, "rb") as src, atomic_write(path, what) as f:
+            shutil.copyfileobj(src, f)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str) -> None:

@@ -31,7 +31,7 @@ from crformer.data.tokenizer import SentenceTokenizer
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
 from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
 from crformer.errors import UserError
-from crformer.files import append_line, check_writable, write_bytes_atomic
+from crformer.files import append_line, check_writable, link_atomic, write_bytes_atomic
 from crformer.metrics import format_table
 from crformer.models import CRFormer
 from crformer.models.losses import crformer_loss
@@ -310,21 +310,28 @@ class Trainer:
             if not epoch_done:  # stopped by max_steps mid-epoch: keep a resumable checkpoint
                 self.checkpoint("last.pt")
                 break
-            results = self.evaluate(self.cfg["data"]["val_splits"])  # selection: val splits only, never test
-            score = float(np.mean([r["overall"]["oIoU"] for r in results.values()]))
-            summary = {split: {k: round(v, 4) for k, v in r["overall"].items()} for split, r in results.items()}
-            # mIoU per sentence kind: the per-kind learning curves (which kinds a run has learned when)
-            by_kind = {split: {kind: round(m["mIoU"], 4) for kind, m in r["by_kind"].items()}
-                       for split, r in results.items()}
-            self.history.append({"epoch": epoch + 1, "step": self.step, "val": summary, "val_by_kind": by_kind})
-            self.log({"step": self.step, "epoch": epoch + 1, "val": summary, "val_by_kind": by_kind})
-            if is_main():
-                print(f"epoch {epoch + 1}/{t['epochs']}  " + "  ".join(
-                    f"{s}: oIoU {100 * r['overall']['oIoU']:.2f} mIoU {100 * r['overall']['mIoU']:.2f}"
-                    for s, r in results.items()), flush=True)
-            if score > self.best:
-                self.best = score
-                self.checkpoint("best.pt", summary)
+            self.end_epoch(epoch + 1)
+
+    def end_epoch(self, epoch: int) -> None:
+        """After epoch ``epoch`` (1-based): validate, record, keep last.pt and, when it improved, best.pt."""
+        results = self.evaluate(self.cfg["data"]["val_splits"])  # selection: val splits only, never test
+        score = float(np.mean([r["overall"]["oIoU"] for r in results.values()]))
+        summary = {split: {k: round(v, 4) for k, v in r["overall"].items()} for split, r in results.items()}
+        # mIoU per sentence kind: the per-kind learning curves (which kinds a run has learned when)
+        by_kind = {split: {kind: round(m["mIoU"], 4) for kind, m in r["by_kind"].items()}
+                   for split, r in results.items()}
+        self.history.append({"epoch": epoch, "step": self.step, "val": summary, "val_by_kind": by_kind})
+        self.log({"step": self.step, "epoch": epoch, "val": summary, "val_by_kind": by_kind})
+        if is_main():
+            print(f"epoch {epoch}/{self.cfg['train']['epochs']}  " + "  ".join(
+                f"{s}: oIoU {100 * r['overall']['oIoU']:.2f} mIoU {100 * r['overall']['mIoU']:.2f}"
+                for s, r in results.items()), flush=True)
+        if score > self.best:  # best.pt first: a kill before last.pt is written re-runs the epoch
+            self.best = score
+            self.checkpoint("best.pt", summary)
+            if is_main():  # the same state: one write, two names
+                link_atomic(self.out / "best.pt", self.out / "last.pt", "checkpoint")
+        else:
             self.checkpoint("last.pt", summary)
 
     def final_report(self) -> dict:

@@ -40,6 +40,9 @@ def test_train_writes_checkpoints_log_and_metrics(trained, capsys):
     ckpt = load_checkpoint(trained / "last.pt")
     assert ckpt["step"] == ckpt["history"][-1]["step"] and ckpt["config"]["train"]["epochs"] == 2
     assert "version" in ckpt and ckpt["text_encoder"] == "minilm"
+    # One file when the last epoch was the best (best.pt is written, last.pt linked to it), else two.
+    best_is_last = load_checkpoint(trained / "best.pt")["step"] == ckpt["step"]
+    assert os.path.samefile(trained / "best.pt", trained / "last.pt") == best_is_last
     assert not any(k.startswith("text_encoder.") for k in ckpt["model"])  # frozen encoder: by reference
     rec = [json.loads(l) for l in (trained / "log.jsonl").read_text().splitlines()]
     assert {"mask", "aux", "rec", "total", "lr", "images_per_s"} <= set(rec[0])
@@ -90,6 +93,24 @@ def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_link_atomic_gives_a_second_name_that_later_writes_leave_alone(tmp_path, monkeypatch, hard_links):
+    """best.pt and last.pt of an improving epoch are one file (or an atomic copy where the filesystem
+    has no hard links); the next epoch's last.pt replaces only last.pt, and no temp file is left."""
+    from crformer.files import link_atomic
+
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    save_atomic({"model": {}, "config": {}, "step": 1}, last)
+    save_atomic({"model": {}, "config": {}, "step": 2}, best)
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    link_atomic(best, last, "checkpoint")
+    assert load_checkpoint(last)["step"] == 2 and (os.path.samefile(best, last) == hard_links)
+    save_atomic({"model": {}, "config": {}, "step": 3}, last)
+    assert load_checkpoint(best)["step"] == 2 and load_checkpoint(last)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_torchrun_two_processes_gloo(tiny, tmp_path):
