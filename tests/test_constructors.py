@@ -5,6 +5,7 @@ attention backend is decided once, when a module is built."""
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from crformer.models.backbone import SwinVLFEncoder
 from crformer.models.decoder import CalibrationDecoder
 from crformer.models.heads import LanguageReconstructionModule, MaskHead
 from crformer.models.layers import MultiHeadAttention
-from crformer.models.pixel_decoder import PixelDecoder
+from crformer.models.pixel_decoder import PixelDecoder, coordinate_channels, with_coordinates
 from crformer.models.qgm import QueryGenerationModule
 from crformer.ops import AttentionBackend
 from tests.helpers import TINY_MODEL
@@ -57,6 +58,40 @@ def test_pixel_decoder_and_mask_head():
     q, sentence = torch.randn(B, NQ, D), torch.randn(B, D)
     assert MaskHead(dim=D)(q, pixel, sentence).shape == (B, 8, 8)
     assert MaskHead(dim=D, detail_dim=PixelDecoder.detail_dim)(q, pixel, sentence, detail).shape == (B, 16, 16)
+
+
+@pytest.mark.parametrize("frequencies", [0, 1, 3])
+def test_coordinate_channels_are_the_positions_and_their_waves(frequencies):
+    """Appended after the input's channels: x, y in [-1, 1], then per k sin/cos(2^k·π·x), sin/cos(2^k·π·y);
+    checked in float64 on a grid that is neither square nor even."""
+    H, W = 3, 5
+    x = torch.randn(2, 4, H, W, dtype=torch.float64)
+    out = with_coordinates(x, frequencies)
+    assert out.shape == (2, 4 + coordinate_channels(frequencies), H, W)
+    assert torch.equal(out[:, :4], x)
+    for i in range(H):
+        for j in range(W):
+            px, py = -1 + 2 * j / (W - 1), -1 + 2 * i / (H - 1)
+            want = [px, py]
+            for k in range(frequencies):
+                w = 2 ** k * math.pi
+                want += [math.sin(w * px), math.sin(w * py), math.cos(w * px), math.cos(w * py)]
+            for b in range(2):
+                torch.testing.assert_close(out[b, 4:, i, j], torch.tensor(want, dtype=torch.float64))
+
+
+def test_pixel_decoder_with_position_frequencies_reads_them():
+    """The laterals take the wider input, and the waves change the output (they are not dropped)."""
+    maps = [torch.randn(B, c, 32 // s, 32 // s) for c, s in zip((8, 16, 32, 64), (4, 8, 16, 32))]
+    torch.manual_seed(0)
+    pix = PixelDecoder(in_dims=(8, 16, 32, 64), dim=D, memory_strides=(32, 16), position_frequencies=2)
+    assert pix.lateral[0][0].in_channels == 8 + 2 + 8
+    _, pixel, _ = pix(maps, torch.randn(B, 3, 32, 32))
+    with torch.no_grad():
+        for lateral in pix.lateral:  # zero the weights that read the waves: a different pixel embedding
+            lateral[0].weight[:, -8:] = 0
+    _, flat, _ = pix(maps, torch.randn(B, 3, 32, 32))
+    assert pixel.shape == (B, D, 8, 8) and not torch.allclose(pixel, flat)
 
 
 def test_language_reconstruction_module():

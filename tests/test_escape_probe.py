@@ -56,7 +56,9 @@ def test_a_probed_run_is_the_plain_run_and_records_what_it_promises(tiny, tmp_pa
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and len(epochs) == 2
     first = steps[0]
     assert {"backbone", "decoder", "mask_head", "qgm", "pixel_decoder"} <= set(first["grad_norm"])
-    assert all(v > 0 for v in first["grad_norm"].values()), json.dumps(first["grad_norm"])
+    # every module trains: a norm above zero at some step (at the first, the confidences' and so the
+    # sentence projection's gradient is ≈ 1e-8 or exactly 0, the tiny model's queries being alike)
+    assert all(max(r["grad_norm"][m] for r in steps) > 0 for m in first["grad_norm"]), [r["grad_norm"] for r in steps]
     assert set(first["query spread"]) == {"qgm", "decoder"}, first["query spread"]
     # the tiny model's stride-32 map is 1×1: every QGM query pools the same vector; the decoder's
     # learned query positions make them differ

@@ -47,7 +47,8 @@ class CRFormer(nn.Module):
             ``weights``); None: its defaults.
         vlf_heads: heads of each VLF.  d_model: D.  num_queries: N_q.  num_decoder_layers: N_d.
         num_heads: heads of the decoder, QGM and LRM attentions.  ffn_dim: decoder FFN width.
-        memory_strides, mask_stride: see :class:`PixelDecoder` (memory strides beyond N_d are unused).
+        memory_strides, mask_stride, position_frequencies: see :class:`PixelDecoder` (memory strides
+            beyond N_d are unused).
         calibration: the Calibration layers (False: a plain decoder).  lrm: build the LRM.
         lrm_input: what the LRM reconstructs the words from: ``"calibrated"``, the last decoder
             layer's output (the paper), or ``"pre_calibration"``, that layer's state after its FFN,
@@ -70,7 +71,8 @@ class CRFormer(nn.Module):
                  text_finetune: bool = False, text_trainable_layers: int = -1,
                  backbone: Optional[Mapping[str, Any]] = None, vlf_heads: int = 1, d_model: int = 128,
                  num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
-                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, calibration: bool = True,
+                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, position_frequencies: int = 0,
+                 calibration: bool = True,
                  lrm: bool = True, lrm_input: str = "calibrated", attn_backend: str = "auto",
                  fold_decoder_attention: bool = False, grad_checkpointing: bool = False,
                  device: Union[torch.device, str, None] = None):
@@ -85,7 +87,8 @@ class CRFormer(nn.Module):
                                        attn_backend=attn_backend)
         self.pixel_decoder = PixelDecoder(in_dims=self.backbone.dims, dim=D,
                                           memory_strides=list(memory_strides)[:num_decoder_layers],
-                                          mask_stride=mask_stride, strides=self.backbone.strides)
+                                          mask_stride=mask_stride, strides=self.backbone.strides,
+                                          position_frequencies=position_frequencies)
         self.lang_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
         self.sentence_proj = nn.Sequential(nn.Linear(C_l, D), LayerNorm(D))
         self.qgm = QueryGenerationModule(dim=D, num_queries=num_queries, num_heads=num_heads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -19,13 +20,20 @@ def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def with_coordinates(x: torch.Tensor) -> torch.Tensor:
-    """Append x/y coordinate channels in [-1, 1]: B×C×H×W → B×(C+2)×H×W."""
+def coordinate_channels(frequencies: int) -> int:
+    """How many channels :func:`with_coordinates` appends: x, y and a sine and cosine per axis per frequency."""
+    return 2 + 4 * frequencies
+
+
+def with_coordinates(x: torch.Tensor, frequencies: int = 0) -> torch.Tensor:
+    """Append x/y coordinate channels in [-1, 1] and, per axis, sin/cos(2^k·π·coordinate) for k < ``frequencies``
+    (2^k periods over the image): B×C×H×W → B×(C + :func:`coordinate_channels`)×H×W."""
     B, _, H, W = x.shape
     ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
     xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)
-    return torch.cat([x, grid[None].expand(B, -1, -1, -1)], dim=1)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)  # 2×H×W: x, y
+    waves = [f(grid * (math.pi * 2 ** k)) for k in range(frequencies) for f in (torch.sin, torch.cos)]
+    return torch.cat([x, torch.cat([grid, *waves])[None].expand(B, -1, -1, -1)], dim=1)
 
 
 class PixelDecoder(nn.Module):
@@ -46,23 +54,27 @@ class PixelDecoder(nn.Module):
         dim: D, the width of the memories and the pixel embedding.
         memory_strides: strides of the decoder memories, coarse first.  mask_stride: 4, 2 or 1.
         strides: the maps' strides (the backbone's).
+        position_frequencies: F, the sine/cosine coordinate channels beside x and y
+            (:func:`with_coordinates`; 0: x and y only).
     """
 
     detail_dim = 32
 
     def __init__(self, *, in_dims: Sequence[int] = (48, 96, 192, 384), dim: int = 128,
                  memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 4,
-                 strides: Sequence[int] = (4, 8, 16, 32)):
+                 strides: Sequence[int] = (4, 8, 16, 32), position_frequencies: int = 0):
         super().__init__()
         if mask_stride not in (1, 2, 4):
             raise UserError(f"model.mask_stride must be 1, 2 or 4, got {mask_stride!r}")
         bad = [s for s in memory_strides if s not in strides]
         if bad or not memory_strides:
             raise UserError(f"model.memory_strides must be backbone strides {list(strides)}; got {list(memory_strides)}")
-        self.mask_stride = mask_stride
-        # +2 input channels: normalised x/y coordinates. Swin features carry no absolute position,
-        # and "the leftmost ..." / "... above the ..." need it in the memories and the pixel embedding.
-        self.lateral = nn.ModuleList(conv_gn_relu(c + 2, dim, 1) for c in in_dims)
+        self.mask_stride, self.position_frequencies = mask_stride, position_frequencies
+        # Coordinate channels: Swin features carry no absolute position, and "the leftmost ..." /
+        # "... above the ..." need it in the memories and the pixel embedding. The sines and cosines
+        # make a bump at any position linear in the features, so a query can match one object's place.
+        extra = coordinate_channels(position_frequencies)
+        self.lateral = nn.ModuleList(conv_gn_relu(c + extra, dim, 1) for c in in_dims)
         self.memory_levels = [list(strides).index(s) for s in memory_strides]
         self.output = nn.ModuleDict({str(i): conv_gn_relu(dim, dim, 3) for i in [0] + self.memory_levels})
         self.pixel_proj = nn.Conv2d(dim, dim, 1)
@@ -76,7 +88,7 @@ class PixelDecoder(nn.Module):
         lats = [None] * len(maps)
         top = None
         for i in reversed(range(len(maps))):
-            lat = self.lateral[i](with_coordinates(maps[i]))
+            lat = self.lateral[i](with_coordinates(maps[i], self.position_frequencies))
             if top is not None:
                 lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             lats[i] = top = lat
