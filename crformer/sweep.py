@@ -33,6 +33,8 @@ from crformer.process import run
 #: Issue 21's targets for the default run: val easy and hard mIoU at least, the language check's IoU
 #: with the old target (both val splits) at most.
 TARGETS = {"easy": 0.93, "hard": 0.82, "old target": 0.05}
+#: Issue 21's target for the sweep as a whole: the median run's val hard mIoU at least.
+MEDIAN_HARD = 0.86
 #: The val hard mIoU whose first epoch the table reports: above the plateau (≈ 0.50–0.57 in the
 #: recorded default runs, where the relational and superlative sentences are not yet learned).
 LEARNED = 0.70
@@ -88,11 +90,13 @@ def table_row(result: dict) -> list:
 
 
 def summary_line(results: list) -> str:
-    """Minimum and median hard mIoU, and how many runs met every target."""
+    """Minimum and median hard mIoU (against :data:`MEDIAN_HARD`), and how many runs met every target."""
     hard = [r["metrics"]["val_hard"]["overall"]["mIoU"] for r in results]
+    median = statistics.median(hard)
     passed = sum(not missed_targets(r) for r in results)
-    verdict = "all pass" if passed == len(results) else "NOT all pass"
-    return (f"{len(results)} runs: hard mIoU min {100 * min(hard):.1f}, median {100 * statistics.median(hard):.1f}; "
+    verdict = "all pass" if passed == len(results) and median >= MEDIAN_HARD else "NOT all pass"
+    return (f"{len(results)} runs: hard mIoU min {100 * min(hard):.1f}, median {100 * median:.1f} "
+            f"(target ≥ {100 * MEDIAN_HARD:.0f}); "
             f"every target met (easy ≥ {100 * TARGETS['easy']:.0f}, hard ≥ {100 * TARGETS['hard']:.0f}, "
             f"old-target IoU ≤ {100 * TARGETS['old target']:.0f} on both val splits) by {passed} of "
             f"{len(results)}: {verdict}")

@@ -60,9 +60,11 @@ def test_table_rows_columns_and_summary():
     assert rows[3][3] == "56.0" and rows[3][7] == "13.0" and rows[3][8] == "never"
     assert rows[3][-1] == "missed: hard, old target"
     assert lines[6] == ""
-    assert lines[7] == ("4 runs: hard mIoU min 56.0, median 82.5; every target met (easy ≥ 93, hard ≥ 82, "
-                        "old-target IoU ≤ 5 on both val splits) by 2 of 4: NOT all pass")
-    assert sweep.summary_line([fake_run(), fake_run(seed=1)]).endswith("by 2 of 2: all pass")
+    assert lines[7] == ("4 runs: hard mIoU min 56.0, median 82.5 (target ≥ 86); every target met (easy ≥ 93, "
+                        "hard ≥ 82, old-target IoU ≤ 5 on both val splits) by 2 of 4: NOT all pass")
+    assert sweep.summary_line([fake_run(hard=0.86), fake_run(seed=1, hard=0.9)]).endswith("by 2 of 2: all pass")
+    # every run passes, the median does not
+    assert sweep.summary_line([fake_run(hard=0.85), fake_run(seed=1, hard=0.86)]).endswith("by 2 of 2: NOT all pass")
 
 
 @pytest.mark.parametrize("args, message", [
