@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "ffn_dim": 512,
         "memory_strides": [32, 16, 8],  # decoder memories, coarse first, cycled by the layers
         "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
-        "position_frequencies": 0,     # pixel decoder: sin/cos coordinate channels at 2^k·π, k < F, beside x/y
+        "position_frequencies": 3,     # pixel decoder: sin/cos coordinate channels at 2^k·π, k < F, beside x/y
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
         "lrm_input": "calibrated",     # LRM reads: calibrated (last layer's output) | pre_calibration (before it)
@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1e-2,
         "warmup_iters": 100,
         "poly_power": 0.9,
-        "lr_hold": 0.0,                # fraction of the run at the peak lr before the poly decay starts
+        "lr_hold": 0.5714,             # fraction of the run at the peak lr before the poly decay starts (4 of 7 epochs)
         "grad_clip": 1.0,
         "amp": "bf16",                 # auto (bf16 on CUDA only) | bf16 | none
         "seed": 0,
@@ -216,9 +216,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
     return cfg
 
 
-#: Keys added after checkpoints already existed, with the value that reproduces the model those
-#: checkpoints were trained with (their default changed when the key arrived).
-PRE_KEY_VALUES: dict = {("model", "mask_stride"): 4}
+#: Keys that checkpoints written before them lack, with the value that reproduces how those checkpoints
+#: were trained (the default has changed since: the key's arrival, or a later change of the default).
+PRE_KEY_VALUES: dict = {
+    ("model", "mask_stride"): 4,
+    ("model", "position_frequencies"): 0,
+    ("train", "lr_hold"): 0.0,
+}
 
 
 #: Where a run writes: never taken from a checkpoint's config (a file someone handed over must not

@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +71,32 @@ def train_and_measure(run: Run, work_dir: Path) -> dict:
             "history": trainer.history}
 
 
+#: Set in a worker process by the first Ctrl-C or stop: the runs already queued to it must not start.
+_stopped = False
+
+
+def _ignore_interrupts() -> None:
+    """Worker initializer: an idle worker is ended by its pool, so Ctrl-C must not kill it with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_and_save(run: Run, work_dir: str, path: str) -> dict:
-    """:func:`train_and_measure`, its result written atomically to ``path`` (a worker-process entry point)."""
+    """:func:`train_and_measure`, its result written atomically to ``path`` (a worker-process entry point).
+    Ctrl-C (SIGINT) ends this run and every later one in the same worker."""
     from crformer.cli import quiet_libraries
 
+    global _stopped
+    if _stopped:
+        raise KeyboardInterrupt
     quiet_libraries()
-    result = train_and_measure(run, Path(work_dir))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = train_and_measure(run, Path(work_dir))
+    except KeyboardInterrupt:
+        _stopped = True
+        raise
+    finally:
+        _ignore_interrupts()  # Ctrl-C reaches a worker twice (from the terminal and from train_runs)
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
@@ -123,14 +144,29 @@ def train_runs(runs: list, runs_dir: Path, work_dir: str, jobs: int) -> None:
         return
     ctx = multiprocessing.get_context("spawn")
     with _workers_environment(TQDM_DISABLE="1"), \
-            concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                                   initializer=_ignore_interrupts) as pool:
         futures = {pool.submit(run_and_save, run, work_dir, str(runs_dir / f"{run.name}.json")): run for run in runs}
-        for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            result = fut.result()
-            m = result["metrics"]
-            print(f"[{n}/{len(runs)}] {futures[fut].title}: val mIoU easy "
-                  f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
-                  f"  ({result['seconds']:.0f} s)", flush=True)
+        try:
+            for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                result = fut.result()
+                m = result["metrics"]
+                print(f"[{n}/{len(runs)}] {futures[fut].title}: val mIoU easy "
+                      f"{100 * m['val_easy']['overall']['mIoU']:.2f}  hard {100 * m['val_hard']['overall']['mIoU']:.2f}"
+                      f"  ({result['seconds']:.0f} s)", flush=True)
+        except BaseException:
+            # A stop signal from a scheduler or `kill` reaches this process only, and leaving the `with` would
+            # wait for the workers' runs and then start the queued ones. So: cancel the queue and interrupt
+            # the runs as Ctrl-C in a terminal does (they unwind, nothing half-written is left).
+            pool.shutdown(wait=False, cancel_futures=True)
+            workers = multiprocessing.active_children()
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGINT)
+            for worker in workers:
+                worker.join(timeout=60)
+                if worker.is_alive():
+                    worker.terminate()
+            raise
 
 
 def int_list(text: str) -> list:

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from crformer.config import DEFAULTS, load_config, merge_config, parse_override
+from crformer.config import DEFAULTS, PRE_KEY_VALUES, load_config, merge_config, parse_override
 from crformer.errors import UserError
 
 
@@ -59,14 +59,25 @@ def test_paper_configs_load(tmp_path):
         assert cfg["model"]["backbone"]["window_size"] == 12
         assert cfg["train"]["lr"] == pytest.approx(5e-5) and cfg["train"]["epochs"] == 40
         assert cfg["train"]["batch_size"] == 32
+        assert cfg["model"]["position_frequencies"] == 0 and cfg["train"]["lr_hold"] == 0  # the paper's recipe
 
 
-def test_checkpoint_config_without_a_later_key_rebuilds_the_old_model():
+#: Each key of PRE_KEY_VALUES: its value for old checkpoints, and another valid value.
+PRE_KEY_CASES = [("model", "mask_stride", 4, 2), ("model", "position_frequencies", 0, 2), ("train", "lr_hold", 0.0, 0.25)]
+
+
+@pytest.mark.parametrize(("section", "key", "old", "other"), PRE_KEY_CASES)
+def test_checkpoint_config_without_a_later_key_rebuilds_the_old_model(section, key, old, other):
+    assert PRE_KEY_VALUES[(section, key)] == old != DEFAULTS[section][key]
     saved = load_config()
-    del saved["model"]["mask_stride"]  # a checkpoint written before model.mask_stride existed
-    assert merge_config(saved)["model"]["mask_stride"] == 4
-    assert merge_config(saved, ["model.mask_stride=2"])["model"]["mask_stride"] == 2
-    assert merge_config(load_config())["model"]["mask_stride"] == DEFAULTS["model"]["mask_stride"]
+    del saved[section][key]  # a checkpoint written before the key existed
+    assert merge_config(saved)[section][key] == old
+    assert merge_config(saved, [f"{section}.{key}={other}"])[section][key] == other
+    assert merge_config(load_config())[section][key] == DEFAULTS[section][key]
+
+
+def test_every_pre_key_value_has_a_case():
+    assert {(section, key) for section, key, _, _ in PRE_KEY_CASES} == set(PRE_KEY_VALUES)
 
 
 def test_yaml_refuses_aliases_and_repeated_keys_and_quotes_short():

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +122,39 @@ def test_sweep_runs_end_to_end_and_resumes(data_cache, tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "seed 0, 1 thread: done already" in printed and "seed 1, 1 thread: done already" in printed
     assert "[1/" not in printed and (out / "table.md").read_text() == table
+
+
+@pytest.mark.parametrize("to_group, status, last_line", [(False, 143, "terminated"), (True, 130, "interrupted")],
+                         ids=["sigterm-to-the-sweep", "ctrl-c-to-the-terminal-group"])
+def test_a_stop_ends_the_sweep_and_its_workers_at_once(data_cache, tmp_path, to_group, status, last_line):
+    """SIGTERM reaches the sweep's own process only, Ctrl-C every process of the terminal's group; either way
+    the running run ends with the sweep and the queued one never starts (before: SIGTERM waited for every
+    run; Ctrl-C started the run queued behind the interrupted one)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "crformer.sweep", "--seeds", "0,1", "--threads", "1", "--jobs", "1",
+                             "--out", str(out), "--work-dir", str(work), *TINY_MODEL,
+                             f"data.cache_dir={data_cache}", "train.epochs=200"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (work / "s0-t1" / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the first run is training
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        children = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children
+        if to_group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == status and err.strip().splitlines()[-1] == last_line, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not (work / "s1-t1").exists() and not list(out.glob("*.json"))

@@ -71,7 +71,7 @@ class CRFormer(nn.Module):
                  text_finetune: bool = False, text_trainable_layers: int = -1,
                  backbone: Optional[Mapping[str, Any]] = None, vlf_heads: int = 1, d_model: int = 128,
                  num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
-                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, position_frequencies: int = 0,
+                 memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, position_frequencies: int = 3,
                  calibration: bool = True,
                  lrm: bool = True, lrm_input: str = "calibrated", attn_backend: str = "auto",
                  fold_decoder_attention: bool = False, grad_checkpointing: bool = False,
