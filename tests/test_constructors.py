@@ -25,7 +25,7 @@ from tests.helpers import TINY_MODEL
 B, L, D, NQ, C_L = 2, 5, 16, 3, 24
 # The tiny model of tests/conftest.py TINY_MODEL, as keyword arguments.
 TINY_KWARGS = dict(image_size=32, d_model=32, num_heads=2, ffn_dim=64, num_queries=4, num_decoder_layers=2,
-                   backbone=dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2,
+                   position_frequencies=0, backbone=dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2,
                                  drop_path_rate=0.0))
 
 
