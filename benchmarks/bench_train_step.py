@@ -124,7 +124,7 @@ class TrainStep:
         from crformer.models.losses import crformer_loss
 
         images, ids, mask, target = self.data
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.amp, training=True):
             out = self.model(images, ids, mask)
             return crformer_loss(out, target, self.loss_cfg)["total"]
 
@@ -254,6 +254,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = common.setup(args)
     from crformer.config import load_config
+    from crformer.engine import native_bf16
     from crformer.models import CRFormer
     from crformer.ops import resolve_backend
     from crformer.train import param_groups
@@ -271,7 +272,9 @@ def main(argv=None):
     if args.embedded:
         config, amp = None, load_config()["train"]["amp"]
         overrides = [f"model.text_encoder={te}"]
-        shape_note = f"embedded default config (README command 1 model) at 64², B={B}, train.amp={amp}"
+        precision = "bf16" if amp == "bf16" or (amp == "auto" and native_bf16(dev.device)) else "fp32"
+        shape_note = (f"embedded default config (README command 1 model) at 64², B={B}, train.amp={amp} "
+                      f"({precision} on this {dev.device.type})")
     elif args.quick and not dev.cuda:
         overrides += QUICK_MODEL
         shape_note = f"--quick on CPU: TINY model (tests/conftest.py TINY_MODEL: Swin 16 wide, D=32) at 32², B={B}"

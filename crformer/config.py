@@ -89,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "poly_power": 0.9,
         "lr_hold": 0.5714,             # fraction of the run at the peak lr before the poly decay starts (4 of 7 epochs)
         "grad_clip": 1.0,
-        "amp": "bf16",                 # auto (bf16 on CUDA only) | bf16 | none
+        "amp": "auto",                 # auto (bf16 where the device has bf16 kernels: CUDA, AVX-512/AMX CPUs) | bf16 | none
         "seed": 0,
         "out_dir": "runs/default",
         "log_every": 20,

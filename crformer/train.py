@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from crformer.data import open_refer
 from crformer.data.dataset import Batch, Collate, RefDataset
 from crformer.data.tokenizer import SentenceTokenizer
 from crformer.distributed import barrier, cleanup, init_distributed, is_main
-from crformer.engine import autocast_context, compile_mode, evaluate_split, language_check_lines, report_rows
+from crformer.engine import (autocast_context, compile_mode, evaluate_split, language_check_lines, native_bf16,
+                             report_rows)
 from crformer.errors import UserError
 from crformer.files import append_line, check_writable, link_atomic, write_bytes_atomic
 from crformer.metrics import format_table
@@ -148,6 +150,9 @@ class Trainer:
         if t["batch_size"] % (self.world * t["grad_accum"]):
             raise UserError(f"train.batch_size={t['batch_size']} is not divisible by {self.world} process(es) × "
                             f"train.grad_accum={t['grad_accum']} micro-batches")
+        if t["amp"] == "bf16" and not native_bf16(self.device):
+            warnings.warn(f"train.amp=bf16 on a {self.device.type} without bf16 kernels (an AVX2-only CPU): its bf16 "
+                          "matmuls run ≈ 100× slower than fp32; train.amp=auto trains in fp32 here")
         if t["num_threads"]:
             torch.set_num_threads(t["num_threads"])
         seed_everything(t["seed"] + self.rank)
@@ -251,7 +256,7 @@ class Trainer:
 
     def forward_loss(self, images, input_ids, attention_mask, target, num_tokens) -> dict:
         """Loss terms of one (micro-)batch; what ``train.compile`` compiles."""
-        with autocast_context(self.device, self.cfg["train"]["amp"]):
+        with autocast_context(self.device, self.cfg["train"]["amp"], training=True):
             out = self.ddp(images, input_ids, attention_mask)
             return crformer_loss(out, target, self.cfg["loss"], num_tokens)
 

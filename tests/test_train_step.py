@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +89,43 @@ def test_cuda_graphs_on_cpu_is_one_line(tiny, capsys):
         run(train.main, tiny + ["train.cuda_graphs=true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["error: train.cuda_graphs=true needs a CUDA device; this run is on cpu"]
+
+
+# ---------------------------------------------------------------- precision
+@pytest.mark.parametrize("native", [True, False])
+def test_train_amp_auto_is_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatch, native):
+    """An AVX2-only CPU runs bf16 matmuls ≈ 100× slower than fp32: ``auto`` trains in fp32 there, in bf16 on
+    AVX-512/AMX CPUs, and inference (``eval.amp=auto``) stays fp32 on every CPU."""
+    from crformer import engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    cfg = load_config(None, TINY_MODEL + ["train.amp=auto"])
+    model = build_model(cfg)
+    seen = []
+    model.register_forward_pre_hook(lambda *a: seen.append(torch.is_autocast_enabled("cpu")))
+    batch = random_batch(model, 2, size=32)
+    trainer = SimpleNamespace(device=cpu, cfg=cfg, ddp=model)
+    train.Trainer.forward_loss(trainer, batch.images.float(), batch.input_ids, batch.attention_mask,
+                               batch.target.float(), batch.attention_mask.sum())
+    for amp, training, on in [("auto", False, False), ("bf16", False, True), ("bf16", True, True),
+                              ("none", True, False)]:
+        with engine.autocast_context(cpu, amp, training=training):
+            seen.append((amp, training, torch.is_autocast_enabled("cpu")))
+    assert seen == [native, ("auto", False, False), ("bf16", False, True), ("bf16", True, True),
+                    ("none", True, False)]
+
+
+def test_bf16_training_on_a_cpu_without_bf16_kernels_warns(monkeypatch):
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    for amp, warned in [("bf16", True), ("auto", False)]:
+        trainer = SimpleNamespace(cfg=load_config(None, TINY_MODEL + [f"train.amp={amp}"]),
+                                  device=torch.device("cpu"), rank=0, world=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train.Trainer._check_and_seed(trainer)
+        assert [str(w.message).split(":")[0] for w in caught] == (["train.amp=bf16 on a cpu without bf16 kernels (an "
+                                                                   "AVX2-only CPU)"] if warned else [])
 
 
 # ---------------------------------------------------------------- host syncs
