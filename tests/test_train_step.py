@@ -108,12 +108,11 @@ def test_train_amp_auto_is_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatch,
     trainer = SimpleNamespace(device=cpu, cfg=cfg, ddp=model)
     train.Trainer.forward_loss(trainer, batch.images.float(), batch.input_ids, batch.attention_mask,
                                batch.target.float(), batch.attention_mask.sum())
-    for amp, training, on in [("auto", False, False), ("bf16", False, True), ("bf16", True, True),
-                              ("none", True, False)]:
+    expected = [("auto", False, False), ("bf16", False, True), ("bf16", True, True), ("none", True, False)]
+    for amp, training, _ in expected:
         with engine.autocast_context(cpu, amp, training=training):
             seen.append((amp, training, torch.is_autocast_enabled("cpu")))
-    assert seen == [native, ("auto", False, False), ("bf16", False, True), ("bf16", True, True),
-                    ("none", True, False)]
+    assert seen == [native, *expected]
 
 
 def test_bf16_training_on_a_cpu_without_bf16_kernels_warns(monkeypatch):
