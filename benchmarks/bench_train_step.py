@@ -254,7 +254,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = common.setup(args)
     from crformer.config import load_config
-    from crformer.engine import native_bf16
+    from crformer.engine import uses_bf16
     from crformer.models import CRFormer
     from crformer.ops import resolve_backend
     from crformer.train import param_groups
@@ -272,7 +272,7 @@ def main(argv=None):
     if args.embedded:
         config, amp = None, load_config()["train"]["amp"]
         overrides = [f"model.text_encoder={te}"]
-        precision = "bf16" if amp == "bf16" or (amp == "auto" and native_bf16(dev.device)) else "fp32"
+        precision = "bf16" if uses_bf16(dev.device, amp, training=True) else "fp32"
         shape_note = (f"embedded default config (README command 1 model) at 64², B={B}, train.amp={amp} "
                       f"({precision} on this {dev.device.type})")
     elif args.quick and not dev.cuda:

@@ -49,15 +49,20 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and CPU_HAS_BF16_KERNELS)
 
 
-def autocast_context(device: torch.device, amp: str, training: bool = False):
-    """bf16 autocast: ``bf16`` = always, ``none`` = never, ``auto`` = on CUDA and, for the training step
-    (``train.amp``, ``training=True``), on a CPU with :func:`native_bf16` kernels; inference
-    (``eval.amp``) stays fp32 on every CPU."""
+def uses_bf16(device: torch.device, amp: str, training: bool = False) -> bool:
+    """Whether ``amp`` means bf16 autocast on ``device``: ``bf16`` = always, ``none`` = never, ``auto`` = on
+    CUDA and, for the training step (``train.amp``, ``training=True``), on a CPU with :func:`native_bf16`
+    kernels; inference (``eval.amp``) stays fp32 on every CPU."""
     if amp not in ("auto", "bf16", "none"):
         from crformer.errors import UserError
 
         raise UserError(f"amp must be auto, bf16 or none; got {amp!r}")
-    on = amp == "bf16" or (amp == "auto" and (device.type == "cuda" or (training and native_bf16(device))))
+    return amp == "bf16" or (amp == "auto" and (device.type == "cuda" or (training and native_bf16(device))))
+
+
+def autocast_context(device: torch.device, amp: str, training: bool = False):
+    """bf16 autocast where :func:`uses_bf16` says so, else nothing."""
+    on = uses_bf16(device, amp, training)
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 

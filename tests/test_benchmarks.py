@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 from crformer.engine import native_bf16  # noqa: E402
 
+CPU_TRAINING_PRECISION = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+
 
 @pytest.mark.parametrize("script,section,extra", [
     ("bench_decoder.py", "decoder", []), ("bench_vlf.py", "vlf", []),
@@ -41,8 +43,7 @@ def test_quick_cpu(script, section, extra, tmp_path):
     assert {r["backend"] for r in rows} >= {"reference", "sdpa"}
     assert any("CPU-only" in n for n in data["sections"][section]["notes"])
     if "--embedded" in extra:
-        assert "64² B=4" in rows[0]["case"] and any("train.amp=auto (bf16 on this cpu)" in n if native_bf16(torch.device("cpu"))
-                                                   else "train.amp=auto (fp32 on this cpu)" in n
+        assert "64² B=4" in rows[0]["case"] and any(f"train.amp=auto ({CPU_TRAINING_PRECISION} on this cpu)" in n
                                                    for n in data["sections"][section]["notes"])
     if section.startswith("train_step"):
         _check_train_step_accounting(rows, r.stdout, sweep="--sweep" in extra)
