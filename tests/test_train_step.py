@@ -188,9 +188,8 @@ def runs(tmp_path_factory, data_cache):
     base = [o for o in TINY_MODEL] + [f"data.cache_dir={data_cache}", "train.epochs=1", "eval.language_check=false",
                                       "train.amp=none"]
     root = tmp_path_factory.mktemp("compile")
-    out = {k: root / k for k in ("eager", "compiled", "eager3", "compiled3")}
+    out = {k: root / k for k in ("eager", "eager3", "compiled3")}
     run(train.main, base + [f"train.out_dir={out['eager']}", "train.max_steps=5"])
-    run(train.main, base + [f"train.out_dir={out['compiled']}", "train.max_steps=5", "train.compile=default"])
     run(train.main, base + [f"train.out_dir={out['eager3']}", "train.max_steps=3"])
     run(train.main, base + [f"train.out_dir={out['compiled3']}", "train.max_steps=3", "train.compile=default"])
     # Each checkpoint continues in the other mode.
@@ -200,9 +199,10 @@ def runs(tmp_path_factory, data_cache):
 
 
 def test_compiled_steps_match_eager(runs):
-    eager, compiled = runs["eager"], runs["compiled"]
-    assert set(eager) == set(compiled) == {1, 2, 3, 4, 5}
-    for step in eager:
+    """Steps 1–3 of the compiled run from scratch; its steps after a resume are checked below (one compile less)."""
+    eager, compiled = runs["eager"], runs["compiled3"]
+    assert set(eager) == {1, 2, 3, 4, 5}
+    for step in (1, 2, 3):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3), (step, eager, compiled)
 
 
