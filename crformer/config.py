@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "memory_strides": [32, 16, 8],  # decoder memories, coarse first, cycled by the layers
         "mask_stride": 2,              # 4: masks at the finest backbone level (paper); 2/1: + image stem
         "position_frequencies": 3,     # pixel decoder: sin/cos coordinate channels at 2^k·π, k < F, beside x/y
+        "value_positions": False,      # decoder cross-attention: the memory's sine positions in the values too (paper: keys only)
         "calibration": True,           # False: a plain decoder (ablation)
         "lrm": True,                   # Language Reconstruction Module (training only)
         "lrm_input": "calibrated",     # LRM reads: calibrated (last layer's output) | pre_calibration (before it)
@@ -221,6 +222,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
 PRE_KEY_VALUES: dict = {
     ("model", "mask_stride"): 4,
     ("model", "position_frequencies"): 0,
+    ("model", "value_positions"): False,
     ("train", "lr_hold"): 0.0,
 }
 
@@ -338,7 +340,7 @@ RULES: dict[str, tuple] = {
     "model.vlf_heads": _int(1), "model.d_model": _int(1), "model.num_queries": _int(1),
     "model.num_decoder_layers": _int(1), "model.num_heads": _int(1), "model.ffn_dim": _int(1),
     "model.memory_strides": _list_of(_one_of(4, 8, 16, 32)), "model.mask_stride": _one_of(1, 2, 4),
-    "model.position_frequencies": _int(0, 8),
+    "model.position_frequencies": _int(0, 8), "model.value_positions": _BOOL,
     "model.calibration": _BOOL, "model.lrm": _BOOL,
     "model.lrm_input": _one_of("calibrated", "pre_calibration"), "model.attn_backend": _one_of("auto", *BACKENDS),
     "model.fold_decoder_attention": _BOOL, "model.grad_checkpointing": _BOOL,

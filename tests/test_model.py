@@ -93,6 +93,25 @@ def test_memory_strides_choose_the_decoder_memories(strides, tokens):
         build_model(tiny_cfg("model.memory_strides=[64]"))
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_value_positions_put_the_memory_positions_in_the_values(fold):
+    """With ``value_positions`` a decoder cross-attention reads memory + positions as values as well as
+    keys (float64, plain and folded): the same output as a plain layer given memory + positions and no
+    key positions, and not the plain layer's output with the positions on the keys only."""
+    from crformer.models.decoder import CrossAttentionLayer
+    torch.manual_seed(3)
+    layers = [CrossAttentionLayer(24, 3, fold_decoder_attention=fold, value_positions=v).double() for v in (True, False)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    q, memory, pos = torch.randn(2, 5, 24), torch.randn(2, 37, 24), torch.randn(37, 24)
+    q, memory, pos, query_pos = (t.double() for t in (q, memory, pos, torch.randn(5, 24)))
+    out = layers[0](q, memory, query_pos=query_pos, key_pos=pos)
+    torch.testing.assert_close(out, layers[1](q, memory + pos, query_pos=query_pos), rtol=1e-12, atol=1e-12)
+    assert (out - layers[1](q, memory, query_pos=query_pos, key_pos=pos)).abs().max() > 1e-3
+    model = build_model(tiny_cfg("model.value_positions=true"))
+    assert all(layer.cross.value_positions for layer in model.decoder.layers)
+    assert not any(layer.cross.value_positions for layer in build_model(tiny_cfg()).decoder.layers)
+
+
 def test_few_steps_on_a_fixed_batch_lower_the_loss(tokens):
     torch.manual_seed(0)
     cfg = tiny_cfg()

@@ -49,6 +49,8 @@ class CRFormer(nn.Module):
         num_heads: heads of the decoder, QGM and LRM attentions.  ffn_dim: decoder FFN width.
         memory_strides, mask_stride, position_frequencies: see :class:`PixelDecoder` (memory strides
             beyond N_d are unused).
+        value_positions: the decoder's cross-attention values carry the memory's sine positions too
+            (:class:`CrossAttentionLayer`; the paper: keys only).
         calibration: the Calibration layers (False: a plain decoder).  lrm: build the LRM.
         lrm_input: what the LRM reconstructs the words from: ``"calibrated"``, the last decoder
             layer's output (the paper), or ``"pre_calibration"``, that layer's state after its FFN,
@@ -72,7 +74,7 @@ class CRFormer(nn.Module):
                  backbone: Optional[Mapping[str, Any]] = None, vlf_heads: int = 1, d_model: int = 128,
                  num_queries: int = 16, num_decoder_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
                  memory_strides: Sequence[int] = (32, 16, 8), mask_stride: int = 2, position_frequencies: int = 3,
-                 calibration: bool = True,
+                 value_positions: bool = False, calibration: bool = True,
                  lrm: bool = True, lrm_input: str = "calibrated", attn_backend: str = "auto",
                  fold_decoder_attention: bool = False, grad_checkpointing: bool = False,
                  device: Union[torch.device, str, None] = None):
@@ -95,7 +97,7 @@ class CRFormer(nn.Module):
                                          attn_backend=attn_backend)
         self.decoder = CalibrationDecoder(dim=D, num_layers=num_decoder_layers, num_heads=num_heads, ffn_dim=ffn_dim,
                                           num_queries=num_queries, calibration=calibration, attn_backend=attn_backend,
-                                          fold_decoder_attention=fold_decoder_attention)
+                                          fold_decoder_attention=fold_decoder_attention, value_positions=value_positions)
         self.mask_head = MaskHead(dim=D, detail_dim=PixelDecoder.detail_dim if mask_stride < 4 else 0)
         self.lrm = (LanguageReconstructionModule(dim=D, lang_dim=C_l, max_tokens=max_tokens, num_heads=num_heads,
                                                  attn_backend=attn_backend) if lrm else None)

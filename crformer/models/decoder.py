@@ -14,16 +14,23 @@ from crformer.ops import AttentionBackend
 
 class CrossAttentionLayer(nn.Module):
     """Queries B×M×D attend to a memory B×N×D (keys get ``key_pos``, queries ``query_pos``) →
-    B×M×D. ``fold_decoder_attention``: projections folded into the queries (:class:`MultiHeadAttention`)."""
+    B×M×D. ``fold_decoder_attention``: projections folded into the queries (:class:`MultiHeadAttention`).
+    ``value_positions``: the values get ``key_pos`` too, so what a query reads carries where it looked."""
 
-    def __init__(self, dim: int, num_heads: int, attn_backend: AttentionBackend | str = "reference", fold_decoder_attention: bool = False):
+    def __init__(self, dim: int, num_heads: int, attn_backend: AttentionBackend | str = "reference",
+                 fold_decoder_attention: bool = False, value_positions: bool = False):
         super().__init__()
         self.attn = MultiHeadAttention(dim, dim, dim, num_heads, attn_backend=attn_backend,
                                        fold_decoder_attention=fold_decoder_attention)
         self.norm = LayerNorm(dim)
+        self.value_positions = value_positions
 
     def forward(self, q, memory, query_pos=None, key_pos=None, key_padding_mask=None):
         query = q if query_pos is None else q + query_pos
+        if self.value_positions and key_pos is not None:
+            # Keys and values then share one input, memory + positions (MultiHeadAttention's values
+            # default to its keys): the same call on every backend, folded or not.
+            memory, key_pos = memory + key_pos, None
         return self.norm(q + self.attn(query, memory, key_padding_mask=key_padding_mask, key_pos=key_pos))
 
 
@@ -76,10 +83,10 @@ class CalibrationDecoderLayer(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, calibration: bool = True, attn_backend: AttentionBackend | str = "reference",
-                 fold_decoder_attention: bool = False):
+                 fold_decoder_attention: bool = False, value_positions: bool = False):
         super().__init__()
         self.cross = CrossAttentionLayer(dim, num_heads, attn_backend=attn_backend,
-                                         fold_decoder_attention=fold_decoder_attention)
+                                         fold_decoder_attention=fold_decoder_attention, value_positions=value_positions)
         self.self_attn = SelfAttentionLayer(dim, num_heads, attn_backend=attn_backend)
         self.ffn = FFNLayer(dim, ffn_dim)
         self.calibration = CalibrationLayer(dim, num_heads, attn_backend=attn_backend) if calibration else None
@@ -115,17 +122,18 @@ class CalibrationDecoder(nn.Module):
         attn_backend: see :class:`MultiHeadAttention` (decided by the model).
         fold_decoder_attention: fold the cross-attention's K/V projections into the queries (same
             function, one :func:`crformer.ops.memory_attention` call per layer).
+        value_positions: the cross-attention's values get the memory's positions too (keys always do).
     """
 
     grad_checkpointing: bool = False
 
     def __init__(self, *, dim: int = 128, num_layers: int = 3, num_heads: int = 4, ffn_dim: int = 512,
                  num_queries: int = 16, calibration: bool = True, attn_backend: AttentionBackend | str = "reference",
-                 fold_decoder_attention: bool = False):
+                 fold_decoder_attention: bool = False, value_positions: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(
             CalibrationDecoderLayer(dim, num_heads, ffn_dim, calibration=calibration, attn_backend=attn_backend,
-                                    fold_decoder_attention=fold_decoder_attention)
+                                    fold_decoder_attention=fold_decoder_attention, value_positions=value_positions)
             for _ in range(num_layers))
         self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
         nn.init.normal_(self.query_pos, std=0.02)
