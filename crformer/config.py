@@ -222,7 +222,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
 PRE_KEY_VALUES: dict = {
     ("model", "mask_stride"): 4,
     ("model", "position_frequencies"): 0,
-    ("model", "value_positions"): False,
     ("train", "lr_hold"): 0.0,
 }
 
