@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,13 +91,20 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
     ("checkpoint", "backbone weights")."""
     p = regular_file(path, what)
     try:
-        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS), warnings.catch_warnings():
+            # torch warns about any pickle protocol but 2 before it reads a byte; the reader below refuses
+            # whatever it cannot load as data, so the warning would only be a second line before our error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
             raise UserError(f"refusing to load {what} {p}: it asks for the Python object {found.group(1)}, and "
                             "only tensors and plain data are loaded (a file that needs code can run code)") from None
+        reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e), re.S)
+        if reason:  # torch's own first line is advice about torch.load's defaults, not what is wrong
+            raise UserError(f"cannot read {what} {p}: not a file that torch.save wrote with tensors and plain data "
+                            f"only ({' '.join(reason.group(1).split())})") from None
         raise UserError(f"cannot read {what} {p}: {first_line(e)}") from None
     except Exception as e:  # truncated, not a torch file, wrong format
         raise UserError(f"cannot read {what} {p}: {first_line(e)}") from None

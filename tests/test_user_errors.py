@@ -378,6 +378,24 @@ def test_payload_files_are_refused_and_never_run(world, tmp_path):
         assert not files["marker"].exists(), (cli, argv)
 
 
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_plain_pickle_is_one_line_without_torch_warning_or_advice(tmp_path, protocol):
+    """A pickle that torch.save did not write: no torch warning about its protocol before the error,
+    and the error names the file's problem, not torch's advice about torch.load's defaults."""
+    import warnings
+
+    from crformer.checkpoint import load_tensor_file
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError) as e:
+        warnings.simplefilter("always")
+        load_tensor_file(path, "checkpoint")
+    assert caught == [], [str(w.message) for w in caught]
+    assert str(e.value).startswith(f"cannot read checkpoint {path}: "), str(e.value)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value), str(e.value)  # torch's advice, not the problem
+
+
 def test_old_checkpoints_with_numpy_rng_state_still_load(world, tmp_path):
     ckpt = load_checkpoint(world["last"])
     rng = ckpt["rng"][0]
