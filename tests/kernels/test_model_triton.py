@@ -42,4 +42,11 @@ def test_model_triton_matches_reference(fold):
     # Same parameters either way (no k_proj bias exists to freeze when folded).
     assert g_ref.keys() == g_tri.keys() and len(g_ref) > 50
     for name in g_ref:
-        torch.testing.assert_close(g_tri[name], g_ref[name], rtol=1e-3, atol=1e-4, msg=name)
+        # Absolute tolerance from the tensor's own scale: some gradients (the last VLF's fuse_proj bias, before
+        # the pixel decoder's norms) sum many terms that cancel, so summation order alone moves their small
+        # entries: on one draw (max|g| 21) the triton path differed by 1.5e-4 × max|g|, the reference at 1 vs 2
+        # threads by 1.2e-5 × max|g| and torch's sdpa by 2.5e-4 × max|g|; a fixed 1e-4 failed about one draw in
+        # a few hundred.
+        scale = g_ref[name].abs().max().item()
+        torch.testing.assert_close(g_tri[name], g_ref[name], rtol=1e-3, atol=1e-4 + 1e-3 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
