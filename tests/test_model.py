@@ -7,7 +7,7 @@ from crformer.config import load_config
 from crformer.data.tokenizer import SentenceTokenizer
 from crformer.errors import UserError
 from crformer.models import build_model
-from crformer.models.decoder import CalibrationLayer
+from crformer.models.decoder import CalibrationLayer, CrossAttentionLayer
 from crformer.models.losses import crformer_loss, reconstruction_loss
 from crformer.ops import BACKENDS
 from tests.helpers import TINY_MODEL, skip_unless_backend_runs
@@ -98,7 +98,6 @@ def test_value_positions_put_the_memory_positions_in_the_values(fold):
     """With ``value_positions`` a decoder cross-attention reads memory + positions as values as well as
     keys (float64, plain and folded): the same output as a plain layer given memory + positions and no
     key positions, and not the plain layer's output with the positions on the keys only."""
-    from crformer.models.decoder import CrossAttentionLayer
     torch.manual_seed(3)
     layers = [CrossAttentionLayer(24, 3, fold_decoder_attention=fold, value_positions=v).double() for v in (True, False)]
     layers[1].load_state_dict(layers[0].state_dict())
